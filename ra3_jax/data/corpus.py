@@ -1,0 +1,150 @@
+"""Code corpus from local source trees as a tensorflow-datasets builder (ArrayRecord shards).
+
+Default source: the running interpreter's standard library, test packages excluded. Files are split into
+train/validation deterministically by a hash of their path relative to the source root, so adding files never
+moves an existing file between splits. The builder config name is a digest of the file list (paths, sizes,
+mtimes) and options, so a changed tree builds a new version instead of reusing a stale one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import logging
+import os
+import sysconfig
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+TEST_DIRS = {"test", "tests", "idle_test", "testing", "unittest_tests"}
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".venv", "node_modules"}
+
+
+class CorpusError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    root: str
+    relpath: str
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, self.relpath)
+
+
+def resolve_source_dir(d: str) -> str:
+    if d == "stdlib":
+        return sysconfig.get_paths()["stdlib"]
+    return os.path.abspath(os.path.expanduser(d))
+
+
+def _is_test_path(rel: str) -> bool:
+    parts = Path(rel).parts
+    name = parts[-1]
+    return any(p in TEST_DIRS for p in parts[:-1]) or name.startswith("test_") or name.endswith("_test.py")
+
+
+def list_source_files(source_dirs, include_glob="*.py", exclude_tests=True, max_files=0) -> list[SourceFile]:
+    files: list[SourceFile] = []
+    for d in source_dirs:
+        root = resolve_source_dir(d)
+        if not os.path.isdir(root):
+            raise CorpusError(f"corpus source directory not found: {root} (data.source_dirs)")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(x for x in dirnames if x not in SKIP_DIRS and not x.startswith("."))
+            for fn in sorted(filenames):
+                if not fnmatch.fnmatch(fn, include_glob):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, fn), root)
+                if exclude_tests and _is_test_path(rel):
+                    continue
+                files.append(SourceFile(root, rel))
+    if max_files:
+        files = files[:max_files]
+    if not files:
+        raise CorpusError(
+            f"empty corpus: no files matching {include_glob!r} under {list(source_dirs)}"
+            + (" (test files excluded; set data.exclude_tests=false to include them)" if exclude_tests else "")
+        )
+    return files
+
+
+def split_of(relpath: str, validation_fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    return "validation" if h < validation_fraction else "train"
+
+
+def read_source(f: SourceFile, skip_non_utf8: bool) -> str | None:
+    try:
+        with open(f.path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise CorpusError(f"cannot read corpus file {f.path}: {e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if skip_non_utf8:
+            return None
+        raise CorpusError(
+            f"corpus file is not valid UTF-8: {f.path} (byte {e.start}: {e.reason}). Convert it to UTF-8, "
+            "remove it from data.source_dirs, or set data.skip_non_utf8=true to skip such files."
+        ) from None
+
+
+class CodeCorpusConfig(tfds.core.BuilderConfig):
+    def __init__(self, *, files: list[SourceFile], validation_fraction: float, skip_non_utf8: bool, **kw):
+        digest = hashlib.sha256()
+        for f in files:
+            st = os.stat(f.path)
+            digest.update(f"{f.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(f"{validation_fraction}|{skip_non_utf8}".encode())
+        super().__init__(name="src_" + digest.hexdigest()[:16], version="1.0.0", **kw)
+        self.files = files
+        self.validation_fraction = validation_fraction
+        self.skip_non_utf8 = skip_non_utf8
+
+
+class CodeCorpus(tfds.core.GeneratorBasedBuilder):
+    """Source files as examples {text, path}; splits train/validation by path hash."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Source files from local trees (ra3_jax code corpus).",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "path": tfds.features.Text()}),
+        )
+
+    def _split_generators(self, dl_manager):
+        by_split = {"train": [], "validation": []}
+        for f in self.builder_config.files:
+            by_split[split_of(f.relpath, self.builder_config.validation_fraction)].append(f)
+        return {name: self._generate_examples(files) for name, files in by_split.items()}
+
+    def _generate_examples(self, files):
+        for f in files:
+            text = read_source(f, self.builder_config.skip_non_utf8)
+            if text is None or not text.strip():
+                continue
+            yield f.path, {"text": text, "path": f.relpath}
+
+
+def build_corpus(data_cfg) -> dict:
+    """Prepare (once, cached under data.tfds_dir) and return {'train': source, 'validation': source}."""
+    files = list_source_files(data_cfg.source_dirs, data_cfg.include_glob, data_cfg.exclude_tests, data_cfg.max_files)
+    config = CodeCorpusConfig(files=files, validation_fraction=data_cfg.validation_fraction, skip_non_utf8=data_cfg.skip_non_utf8)
+    tfds.disable_progress_bar()
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    builder = CodeCorpus(config=config, data_dir=os.path.expanduser(data_cfg.tfds_dir), file_format="array_record")
+    try:
+        builder.download_and_prepare()
+    except UnicodeDecodeError as e:  # pragma: no cover - read_source converts these
+        raise CorpusError(str(e)) from None
+    sources = builder.as_data_source()
+    if len(sources["train"]) == 0:
+        raise CorpusError(f"empty corpus: the {len(files)} source files hold no non-empty UTF-8 text")
+    return sources

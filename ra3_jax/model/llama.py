@@ -1,0 +1,239 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Qwen2) as one pure function.
+
+Conventions: B batch, T new tokens, S cache slots, N = B*T, D d_model, H query heads, K kv heads,
+G = H // K (query heads per kv head), Dh head dim, F d_ff, V vocab, L layers.
+Activations stay flat ``[N, D]`` around every dense layer (measured faster on CPU than ``[B, T, D]``);
+attention reshapes to heads only inside the attention block. The KV cache is ``[L, B, K, S, Dh]``.
+
+``forward(params, tokens, positions, cfg, segment_ids=..., cache=...)`` is used unchanged by the trainer
+(no cache: causal + same-segment mask, packed documents never attend to each other) and the sampler (cache:
+the T new tokens are written at ``cache.index`` and attend to every valid earlier slot).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rope_layout: str = "half"  # half: HF rotate_half pairs (i, i+Dh/2); interleaved: GGUF/Meta pairs (2i, 2i+1)
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    max_seq_len: int = 2048
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even for RoPE")
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    def replace(self, **kw) -> "LlamaConfig":
+        return dataclasses.replace(self, **kw)
+
+    def num_params(self) -> int:
+        from ra3_jax.model.params import param_specs
+
+        return sum(int(jnp.prod(jnp.array(s.shape))) for s in jax.tree.leaves(param_specs(self), is_leaf=_is_spec))
+
+
+def _is_spec(x):
+    from ra3_jax.model.params import ParamSpec
+
+    return isinstance(x, ParamSpec)
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, K, S, Dh]
+    v: jax.Array  # [L, B, K, S, Dh]
+    valid: jax.Array  # [B, S] bool: slot holds a real (non-pad) token
+    index: jax.Array  # [] int32: next slot to write (shared by all rows; rows differ by padding + positions)
+
+    @classmethod
+    def init(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or cfg.dtype
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (w.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """sin, cos of shape [B, T, Dh/2] (float32)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(ang), jnp.cos(ang)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array, layout: str) -> jax.Array:
+    """x: [B, T, n, Dh]; sin/cos: [B, T, Dh/2]."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    if layout == "half":
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    elif layout == "interleaved":
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+    else:
+        raise ValueError(f"unknown rope_layout {layout!r}")
+    return out.astype(dtype)
+
+
+def _remat_policy(name: str):
+    cp = jax.checkpoint_policies
+    return {
+        "full": cp.nothing_saveable,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+def _attention(q, k, v, mask, cfg: LlamaConfig):
+    """q: [B,T,K,G,Dh]; k,v: [B,K,S,Dh]; mask: [B,T,S] bool -> [B,T,K,G,Dh]."""
+    scale = cfg.head_dim**-0.5
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v)
+
+
+def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: int, T: int):
+    """One decoder block on flat activations x: [N, D]. Returns (x, (k_cache, v_cache))."""
+    dt = cfg.dtype
+    K, G, Dh = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    with jax.named_scope("attention"):
+        h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+        q = h @ lp["wq"].astype(dt)
+        k = h @ lp["wk"].astype(dt)
+        v = h @ lp["wv"].astype(dt)
+        if cfg.qkv_bias:
+            q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
+        q = apply_rope(q.reshape(B, T, K * G, Dh), sin, cos, cfg.rope_layout).reshape(B, T, K, G, Dh)
+        k = apply_rope(k.reshape(B, T, K, Dh), sin, cos, cfg.rope_layout).transpose(0, 2, 1, 3)  # [B,K,T,Dh]
+        v = v.reshape(B, T, K, Dh).transpose(0, 2, 1, 3)
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, cache_index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0))
+            k_all, v_all, new_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
+        else:
+            k_all, v_all, new_kv = k, v, None
+        attn = _attention(q, k_all, v_all, mask, cfg).reshape(B * T, K * G * Dh)
+        x = x + attn @ lp["wo"].astype(dt)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
+        gate = h @ lp["w_gate"].astype(dt)
+        up = h @ lp["w_up"].astype(dt)
+        x = x + (jax.nn.silu(gate) * up) @ lp["w_down"].astype(dt)
+    return x, new_kv
+
+
+def forward(
+    params: dict[str, Any],
+    tokens: jax.Array,
+    positions: jax.Array,
+    cfg: LlamaConfig,
+    *,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+    return_hidden: bool = False,
+):
+    """Run the decoder.
+
+    tokens, positions: [B, T] int. segment_ids: [B, T] int, 0 = padding; without a cache, tokens attend only
+    within their own segment (packed documents); with a cache, 0 marks pad tokens that no one attends to.
+    Returns (logits [B, T, V] in float32 -- or the final hidden [B, T, D] if return_hidden -- , new cache).
+    """
+    B, T = tokens.shape
+    dt = cfg.dtype
+    x = jnp.take(params["embed"], tokens.reshape(-1), axis=0).astype(dt)  # [N, D]
+    sin, cos = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+
+    if cache is None:
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = causal[None] & same & (segment_ids[:, None, :] != 0)
+        cache_index = None
+    else:
+        S = cache.max_len
+        cache_index = cache.index
+        valid = jax.lax.dynamic_update_slice(cache.valid, segment_ids != 0, (0, cache_index))
+        slots = cache_index + jnp.arange(T)
+        mask = (jnp.arange(S)[None, :] <= slots[:, None])[None] & valid[:, None, :]
+
+    def body(x, layer_in):
+        lp, kv = layer_in
+        return _layer(x, lp, sin, cos, mask, kv, cache_index, cfg, B, T)
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_remat_policy(cfg.remat))
+
+    layers = params["layers"]
+    kv_in = None if cache is None else (cache.k, cache.v)
+    if cfg.scan_layers:
+        x, kv_out = jax.lax.scan(body, x, (layers, kv_in))
+    else:
+        outs = []
+        for i in range(cfg.n_layers):
+            sl = jax.tree.map(lambda a: a[i], (layers, kv_in))
+            x, kv = body(x, sl)
+            outs.append(kv)
+        kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(k=kv_out[0], v=kv_out[1], valid=valid, index=cache.index + T)
+    if return_hidden:
+        return x.reshape(B, T, -1), new_cache
+    logits = x @ output_weight(params, cfg).astype(dt)
+    return logits.astype(jnp.float32).reshape(B, T, -1), new_cache
+
+
+def output_weight(params, cfg: LlamaConfig) -> jax.Array:
+    """[D, V] output projection (the transposed embedding when tied)."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]

@@ -1,0 +1,256 @@
+"""Tokenizers behind one small interface: sentencepiece (train + load) and GGUF / HF byte-level BPE."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from typing import Iterable, Protocol
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int  # end of document / generation
+    pad_id: int
+    add_bos: bool
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def save(self, directory: str) -> str: ...
+    def token_bytes(self): ...
+
+
+# --------------------------------------------------------------------------------------------- HF / GGUF BPE
+class HFTokenizer:
+    """A `tokenizers` (Rust) tokenizer: loaded from tokenizer.json or built from a GGUF file's vocab + merges."""
+
+    FILE = "tokenizer.json"
+    META = "tokenizer_meta.json"
+
+    def __init__(self, tk, *, bos_id=None, eos_id=None, pad_id=None, add_bos=False):
+        self._tk = tk
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self.bos_id = bos_id
+        # End of document: prefer the pre-training separator over a chat end-of-turn token.
+        doc_end = next((tk.token_to_id(t) for t in ("<|endoftext|>", "</s>", "<eos>") if tk.token_to_id(t) is not None), None)
+        self.eos_id = eos_id if eos_id is not None else doc_end
+        if self.eos_id is None:
+            raise TokenizerError("tokenizer has no end-of-document token; set one in tokenizer_meta.json (eos_id)")
+        self.pad_id = pad_id if pad_id is not None else self.eos_id
+        self.add_bos = bool(add_bos and bos_id is not None)
+
+    @classmethod
+    def from_file(cls, path: str) -> "HFTokenizer":
+        from tokenizers import Tokenizer as TK
+
+        path = os.path.expanduser(path)
+        file = os.path.join(path, cls.FILE) if os.path.isdir(path) else path
+        if not os.path.exists(file):
+            raise TokenizerError(f"tokenizer file not found: {file}")
+        try:
+            tk = TK.from_file(file)
+        except Exception as e:
+            raise TokenizerError(f"cannot load tokenizer {file}: {e}") from None
+        meta_file = os.path.join(os.path.dirname(file), cls.META)
+        meta = {}
+        if os.path.exists(meta_file):
+            with open(meta_file, encoding="utf-8") as f:
+                meta = json.load(f)
+        return cls(tk, **meta)
+
+    @classmethod
+    def from_gguf(cls, path: str) -> "HFTokenizer":
+        from tokenizers import Regex, Tokenizer as TK, decoders, models, pre_tokenizers
+
+        from ra3_jax.model.convert import _field, _gguf_reader
+
+        reader = _gguf_reader(path)
+        kind = _field(reader, "tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' only)")
+        tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+        merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+        types = list(_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens))
+        pre = _field(reader, "tokenizer.ggml.pre", "default")
+        tk = TK(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre == "smollm":
+            tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        elif pre in ("default", "gpt2"):
+            tk.pre_tokenizer = byte_level
+        elif pre in ("qwen2", "llama-bpe", "llama3"):
+            pat = (
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+            )
+            if pre != "qwen2":
+                pat = pat.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+            tk.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(pat), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            )
+        else:
+            raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, gpt2, qwen2, llama-bpe)")
+        tk.decoder = decoders.ByteLevel()
+        from tokenizers import AddedToken
+
+        special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+        tk.add_special_tokens(special)
+        bos = _field(reader, "tokenizer.ggml.bos_token_id")
+        return cls(tk, bos_id=None if bos is None else int(bos),
+                   add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))  # fmt: skip
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if self.add_bos else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        out = [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
+        return [[self.bos_id] + ids for ids in out] if self.add_bos else out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tk.decode(list(ids), skip_special_tokens=False)
+
+    def token_to_id(self, token: str):
+        return self._tk.token_to_id(token)
+
+    def token_bytes(self):
+        """UTF-8 bytes each token stands for (byte-level BPE: one vocab character = one byte; specials 0)."""
+        import numpy as np
+
+        out = np.zeros(self.vocab_size, np.int64)
+        specials = {t.content for t in self._tk.get_added_tokens_decoder().values() if t.special}
+        for tok, i in self._tk.get_vocab(with_added_tokens=True).items():
+            if i < self.vocab_size:
+                out[i] = 0 if tok in specials else len(tok)
+        return out
+
+    def save(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        self._tk.save(os.path.join(directory, self.FILE))
+        with open(os.path.join(directory, self.META), "w", encoding="utf-8") as f:
+            json.dump(dict(bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id, add_bos=self.add_bos), f)
+        return directory
+
+
+# ---------------------------------------------------------------------------------------------- sentencepiece
+class SentencePieceTokenizer:
+    FILE = "spm.model"
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        model_file = os.path.expanduser(model_file)
+        if os.path.isdir(model_file):
+            model_file = os.path.join(model_file, self.FILE)
+        if not os.path.exists(model_file):
+            raise TokenizerError(f"sentencepiece model not found: {model_file}")
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(model_file)
+        except Exception as e:
+            raise TokenizerError(f"cannot load sentencepiece model {model_file}: {e}") from None
+        self._file = model_file
+        self.vocab_size = self._sp.GetPieceSize()
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id()
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        self.add_bos = False
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.EncodeAsIds(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.EncodeAsIds(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.DecodeIds([int(i) for i in ids])
+
+    def token_bytes(self):
+        import numpy as np
+
+        sp = self._sp
+        out = np.zeros(self.vocab_size, np.int64)
+        for i in range(self.vocab_size):
+            if sp.IsByte(i):
+                out[i] = 1
+            elif not (sp.IsControl(i) or sp.IsUnknown(i)):
+                out[i] = len(sp.IdToPiece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
+    def token_to_id(self, token: str):
+        i = self._sp.PieceToId(token)
+        return None if i == self._sp.unk_id() and token != self._sp.IdToPiece(i) else i
+
+    def save(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        dst = os.path.join(directory, self.FILE)
+        if os.path.abspath(dst) != os.path.abspath(self._file):
+            shutil.copyfile(self._file, dst)
+        return directory
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, *, model_type: str = "bpe",
+                        max_sentence_length: int = 1 << 16, input_sentence_size: int = 0, seed: int = 0) -> SentencePieceTokenizer:  # fmt: skip
+    """Train a code-friendly sentencepiece model (identity normalization, whitespace kept, byte fallback).
+
+    Each text is split into lines (sentencepiece's unit); newline and tab are user symbols so every text
+    round-trips exactly, non-ASCII characters included.
+    """
+    import sentencepiece as spm
+
+    def lines():
+        n = 0
+        for t in texts:
+            for line in t.split("\n"):
+                if line.strip():
+                    n += 1
+                    yield line
+        if n == 0:
+            raise TokenizerError("cannot train a tokenizer on an empty corpus")
+
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+            allow_whitespace_only_pieces=True, byte_fallback=True, user_defined_symbols=["\n", "\t"],
+            max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
+            num_threads=os.cpu_count() or 1, minloglevel=2, train_extremely_large_corpus=False,
+        )  # fmt: skip
+    except RuntimeError as e:
+        raise TokenizerError(f"sentencepiece training failed: {e}") from None
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, SentencePieceTokenizer.FILE)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return SentencePieceTokenizer(path)
+
+
+def load_tokenizer(kind: str, path: str) -> Tokenizer:
+    from ra3_jax.model.convert import resolve_model_path
+
+    path = resolve_model_path(path) if kind == "gguf" else os.path.expanduser(path)
+    if kind == "gguf":
+        return HFTokenizer.from_gguf(path)
+    if kind == "hf":
+        return HFTokenizer.from_file(path)
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(path)
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}")
+
+
+def load_from_dir(directory: str) -> Tokenizer:
+    """Load whichever tokenizer a checkpoint directory holds."""
+    if os.path.exists(os.path.join(directory, HFTokenizer.FILE)):
+        return HFTokenizer.from_file(directory)
+    if os.path.exists(os.path.join(directory, SentencePieceTokenizer.FILE)):
+        return SentencePieceTokenizer(directory)
+    raise TokenizerError(f"no tokenizer ({HFTokenizer.FILE} or {SentencePieceTokenizer.FILE}) in {directory}")
