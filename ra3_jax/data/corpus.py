@@ -123,19 +123,21 @@ class CodeCorpus(tfds.core.GeneratorBasedBuilder):
         by_split = {"train": [], "validation": []}
         for f in self.builder_config.files:
             by_split[split_of(f.relpath, self.builder_config.validation_fraction)].append(f)
-        return {name: self._generate_examples(files) for name, files in by_split.items()}
+        return {name: self._generate_examples(files) for name, files in by_split.items() if files}
 
     def _generate_examples(self, files):
         for f in files:
-            text = read_source(f, self.builder_config.skip_non_utf8)
-            if text is None or not text.strip():
-                continue
-            yield f.path, {"text": text, "path": f.relpath}
+            yield f.path, {"text": read_source(f, self.builder_config.skip_non_utf8), "path": f.relpath}
 
 
 def build_corpus(data_cfg) -> dict:
     """Prepare (once, cached under data.tfds_dir) and return {'train': source, 'validation': source}."""
-    files = list_source_files(data_cfg.source_dirs, data_cfg.include_glob, data_cfg.exclude_tests, data_cfg.max_files)
+    listed = list_source_files(data_cfg.source_dirs, data_cfg.include_glob, data_cfg.exclude_tests, data_cfg.max_files)
+    # Validate every file up front (clear error on non-UTF-8) and drop empty ones, so the builder only sees
+    # documents it can write and an all-empty tree is reported as such.
+    files = [f for f in listed if (t := read_source(f, data_cfg.skip_non_utf8)) is not None and t.strip()]
+    if not files:
+        raise CorpusError(f"empty corpus: the {len(listed)} source files under {list(data_cfg.source_dirs)} hold no non-empty UTF-8 text")
     config = CodeCorpusConfig(files=files, validation_fraction=data_cfg.validation_fraction, skip_non_utf8=data_cfg.skip_non_utf8)
     tfds.disable_progress_bar()
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -145,6 +147,6 @@ def build_corpus(data_cfg) -> dict:
     except UnicodeDecodeError as e:  # pragma: no cover - read_source converts these
         raise CorpusError(str(e)) from None
     sources = builder.as_data_source()
-    if len(sources["train"]) == 0:
-        raise CorpusError(f"empty corpus: the {len(files)} source files hold no non-empty UTF-8 text")
-    return sources
+    if "train" not in sources:
+        raise CorpusError(f"empty corpus: all {len(files)} files fell into the validation split; lower data.validation_fraction")
+    return {"train": sources["train"], "validation": sources.get("validation")}

@@ -57,6 +57,14 @@ def resolve_tokenizer(cfg: RunConfig):
     return load_tokenizer(kind, path)
 
 
+def check_vocab(tokenizer, model_cfg) -> None:
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise TrainingError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only {model_cfg.vocab_size}: "
+            "pair the model with its own tokenizer (tokenizer.kind/path) or raise model.vocab_size"
+        )
+
+
 def global_batch(local: dict, mesh) -> dict:
     """Per-process host batch -> global jax.Arrays sharded over (data, fsdp)."""
     out = {}
@@ -151,8 +159,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
     tokenizer = resolve_tokenizer(cfg)
     sources = build_corpus(cfg.data)
     model_cfg, params = load_model(cfg.model, mesh, key=jax.random.key(cfg.train.seed))
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise TrainingError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model_cfg.vocab_size} (model.vocab_size)")
+    check_vocab(tokenizer, model_cfg)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         log.warning("data.seq_len=%d exceeds the model's max_seq_len=%d", cfg.data.seq_len, model_cfg.max_seq_len)
 
@@ -206,7 +213,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
                 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
                     good = ckpt.latest_step()
                     raise TrainingError(
-                        f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {step}; nothing was saved for "
+                        f"non-finite training signal at step {step} (loss {m['loss']}, grad norm {m['grad_norm']}); nothing was saved for "
                         f"this step. Last good checkpoint: {good if good is not None else 'none'} in {out_dir}. "
                         "Lower optim.lr, raise optim.warmup_steps, or use model.compute_dtype=float32."
                     )
@@ -217,7 +224,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
                 last = m
                 if progress is not None:
                     progress.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps) and sources["validation"] is not None and len(sources["validation"]):
+            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps) and sources["validation"] is not None:
                 ev = evaluate(state.params, eval_fn, sources["validation"], tokenizer, cfg, mesh, token_bytes)
                 writer.write(step, ev)
                 last.update(ev)
@@ -242,5 +249,8 @@ def evaluate_only(cfg: RunConfig) -> dict:
     tokenizer = resolve_tokenizer(cfg)
     sources = build_corpus(cfg.data)
     model_cfg, params = load_model(cfg.model, mesh, key=jax.random.key(cfg.train.seed))
+    check_vocab(tokenizer, model_cfg)
     eval_fn = jit_eval_step(model_cfg, mesh, param_shardings(model_cfg, mesh))
+    if sources["validation"] is None:
+        raise TrainingError("the corpus has no validation split; raise data.validation_fraction")
     return evaluate(params, eval_fn, sources["validation"], tokenizer, cfg, mesh, tokenizer.token_bytes())

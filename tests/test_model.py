@@ -1,0 +1,128 @@
+"""Model numerics against HF transformers (CPU torch) on the same weights, and internal invariants."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from ra3_jax.model import KVCache, LlamaConfig, forward, init_params
+from ra3_jax.model.convert import _unpermute_rows, load_hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+PARITY_TOL = 2e-4  # max abs logit difference, float32, logits of magnitude ~10
+
+
+def _save_tiny_hf(kind, path, **kw):
+    torch.manual_seed(0)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, rms_norm_eps=1e-6)  # fmt: skip
+    common.update(kw)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=5000.0, tie_word_embeddings=False, **common))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(rope_theta=20000.0, tie_word_embeddings=True, **common))
+        with torch.no_grad():  # HF inits biases to zero; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_logits_match_hf_transformers(kind, tmp_path):
+    hf = _save_tiny_hf(kind, tmp_path)
+    cfg, params = load_hf(str(tmp_path))
+    assert cfg.qkv_bias == (kind == "qwen2") and cfg.tie_embeddings == (kind == "qwen2")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, size=(2, 40))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    ours, _ = forward(params, tokens, np.broadcast_to(np.arange(40), (2, 40)), cfg)
+    err = np.abs(np.asarray(ours) - ref).max()
+    print(f"{kind}: max |logit diff| = {err:.2e} (logit scale {np.abs(ref).max():.1f})")
+    assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero numbers
+    assert err < PARITY_TOL
+
+
+def _tiny(**kw):
+    base = dict(vocab_size=97, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=96, rope_theta=1000.0)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def test_interleaved_rope_layout_equals_half_with_permuted_weights():
+    """GGUF files store Q/K rows permuted for interleaved RoPE; both layouts must compute the same function."""
+    cfg = _tiny()
+    p = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(1)))
+    # Build "GGUF" weights: permute HF rows (the inverse of _unpermute_rows) for every layer.
+    def permute(w, heads):  # llama.cpp convert_hf_to_gguf.permute on [out, in]
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    q = np.stack([permute(w.T, cfg.n_heads).T for w in p["layers"]["wq"]])
+    k = np.stack([permute(w.T, cfg.n_kv_heads).T for w in p["layers"]["wk"]])
+    np.testing.assert_array_equal(np.stack([_unpermute_rows(w.T, cfg.n_heads).T for w in q]), p["layers"]["wq"])
+    p_int = {**p, "layers": {**p["layers"], "wq": q, "wk": k}}
+    toks = np.arange(30).reshape(2, 15) % cfg.vocab_size
+    pos = np.broadcast_to(np.arange(15), (2, 15))
+    a, _ = forward(p, toks, pos, cfg)
+    b, _ = forward(p_int, toks, pos, cfg.replace(rope_layout="interleaved"))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_kv_cache_incremental_equals_full_forward():
+    cfg = _tiny()
+    p = init_params(cfg, jax.random.key(2))
+    toks = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    full, _ = forward(p, toks, pos, cfg)
+    cache = KVCache.init(cfg, 2, 16)
+    chunks = []
+    for lo, hi in [(0, 5), (5, 6), (6, 7), (7, 12)]:
+        out, cache = forward(p, toks[:, lo:hi], pos[:, lo:hi], cfg, cache=cache)
+        chunks.append(out)
+    np.testing.assert_allclose(jnp.concatenate(chunks, 1), full, atol=2e-5)
+    assert int(cache.index) == 12
+
+
+def test_packed_segments_do_not_attend_to_each_other():
+    cfg = _tiny()
+    p = init_params(cfg, jax.random.key(4))
+    a = jax.random.randint(jax.random.key(5), (1, 7), 0, cfg.vocab_size)
+    b = jax.random.randint(jax.random.key(6), (1, 9), 0, cfg.vocab_size)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 4), jnp.int32)], 1)
+    seg = jnp.array([[1] * 7 + [2] * 9 + [0] * 4])
+    pos = jnp.array([list(range(7)) + list(range(9)) + [0] * 4])
+    out, _ = forward(p, packed, pos, cfg, segment_ids=seg)
+    ra, _ = forward(p, a, jnp.arange(7)[None], cfg)
+    rb, _ = forward(p, b, jnp.arange(9)[None], cfg)
+    np.testing.assert_allclose(out[:, :7], ra, atol=2e-5)
+    np.testing.assert_allclose(out[:, 7:16], rb, atol=2e-5)
+
+
+def test_scan_remat_and_unrolled_agree():
+    cfg = _tiny()
+    p = init_params(cfg, jax.random.key(7))
+    toks = jax.random.randint(jax.random.key(8), (2, 10), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+
+    def loss(params, c):
+        return forward(params, toks, pos, c)[0].mean()
+
+    ref_l, ref_g = jax.value_and_grad(loss)(p, cfg)
+    for variant in (cfg.replace(scan_layers=False), cfg.replace(remat="full"), cfg.replace(remat="dots")):
+        l, g = jax.value_and_grad(loss)(p, variant)
+        np.testing.assert_allclose(l, ref_l, rtol=1e-5)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), g, ref_g)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    cfg = _tiny()
+    p = init_params(cfg, jax.random.key(9))
+    toks = jax.random.randint(jax.random.key(10), (2, 10), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    f32, _ = forward(p, toks, pos, cfg)
+    bf16, _ = forward(p, toks, pos, cfg.replace(compute_dtype="bfloat16"))
+    assert bf16.dtype == jnp.float32  # logits are always returned in float32
+    assert np.abs(np.asarray(bf16) - np.asarray(f32)).max() < 0.1 * np.abs(np.asarray(f32)).max()
