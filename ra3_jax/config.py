@@ -47,6 +47,7 @@ class ModelSection:
     compute_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch
     scan_layers: bool = True
+    scan_unroll: int = 1
 
 
 @dataclass
@@ -100,6 +101,7 @@ class TrainSection:
     out_dir: str = "runs/default"
     log_every: int = 1
     eval_every: int = 50
+    eval_at_start: bool = True  # held-out loss of the starting model (step 0), for before/after comparisons
     eval_batches: int = 4
     ckpt_every: int = 50
     keep_checkpoints: int = 3

@@ -20,7 +20,7 @@ from ra3_jax.model.params import abstract_params, init_params, shard_params
 
 MODEL_CONFIG = "model_config.json"
 
-_RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_layers")
+_RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_layers", "scan_unroll")
 
 
 def save_model_config(directory: str, cfg: LlamaConfig) -> None:
