@@ -18,7 +18,7 @@ def _known_errors():
     from ra3_jax.train.checkpoint import CheckpointIOError
     from ra3_jax.train.loop import TrainingError
 
-    return (ConfigError, CorpusError, CheckpointError, TokenizerError, TrainingError, CheckpointIOError, FileNotFoundError)
+    return (ConfigError, CorpusError, CheckpointError, TokenizerError, TrainingError, CheckpointIOError, FileNotFoundError, ValueError)
 
 
 def _cfg(args):
@@ -73,6 +73,53 @@ def cmd_tokenizer_train(args):
     print(json.dumps({"out": os.path.abspath(args.out), "vocab_size": tok.vocab_size}))
 
 
+def _read_prompts(src: str) -> list[str]:
+    """JSONL lines with a "prompt" field, or plain lines (with \\n escapes for newlines); '-' = stdin."""
+    fh = sys.stdin if src == "-" else open(src, encoding="utf-8")
+    prompts = []
+    with fh:
+        for line in fh:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                prompts.append(obj["prompt"] if isinstance(obj, dict) else str(obj))
+            except (json.JSONDecodeError, KeyError):
+                prompts.append(line.encode("utf-8").decode("unicode_escape") if "\\" in line else line)
+    if not prompts:
+        raise ValueError(f"no prompts in {src}")
+    return prompts
+
+
+def cmd_sample(args):
+    import dataclasses
+
+    import jax
+
+    from ra3_jax.model.store import load_model
+    from ra3_jax.sampler import Sampler, SamplingParams
+    from ra3_jax.train.loop import check_vocab, make_run_mesh, resolve_tokenizer
+
+    cfg = _cfg(args)
+    prompts = _read_prompts(args.prompts)
+    mesh = make_run_mesh(cfg)
+    tokenizer = resolve_tokenizer(cfg)
+    model_cfg, params = load_model(cfg.model, mesh)
+    check_vocab(tokenizer, model_cfg)
+    sampler = Sampler(params, model_cfg, tokenizer)
+    sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    key = jax.random.key(args.seed)
+    for lo in range(0, len(prompts), args.batch_size):
+        key, sub = jax.random.split(key)
+        outs = sampler.complete(prompts[lo : lo + args.batch_size], max_new_tokens=args.max_new_tokens, sampling=sp,
+                                key=sub, num_samples=args.num_samples, stop_strings=args.stop)  # fmt: skip
+        for i, c in enumerate(outs):
+            row = dataclasses.asdict(c)
+            row["index"] = lo + i // args.num_samples
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ra3", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -85,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("pretrain", help="NTP training from random init")).set_defaults(fn=lambda a: cmd_train(a, "pretrain"))
     with_config(sub.add_parser("midtrain-ntp", help="NTP continued training of a real model")).set_defaults(fn=lambda a: cmd_train(a, "midtrain-ntp"))
     with_config(sub.add_parser("eval-loss", help="held-out loss and bits per byte")).set_defaults(fn=cmd_eval_loss)
+
+    sm = with_config(sub.add_parser("sample", help="generate completions; prompts from a file or stdin, JSONL out"))
+    sm.add_argument("--prompts", default="-", help="JSONL ({'prompt': ...}) or plain lines; '-' = stdin")
+    sm.add_argument("--max-new-tokens", type=int, default=128)
+    sm.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    sm.add_argument("--top-k", type=int, default=0)
+    sm.add_argument("--top-p", type=float, default=1.0)
+    sm.add_argument("--num-samples", type=int, default=1, help="samples per prompt (one shared prefill)")
+    sm.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sm.add_argument("--batch-size", type=int, default=16)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.set_defaults(fn=cmd_sample)
 
     c = sub.add_parser("convert", help="GGUF / HF safetensors -> model directory (Orbax params)")
     c.add_argument("--from", dest="source", choices=("gguf", "hf"), required=True)

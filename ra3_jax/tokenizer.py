@@ -25,6 +25,20 @@ class Tokenizer(Protocol):
     def token_to_id(self, token: str) -> int | None: ...
     def save(self, directory: str) -> str: ...
     def token_bytes(self): ...
+    def token_byte_strings(self) -> list[bytes]: ...
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 byte-level BPE's byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
 
 
 # --------------------------------------------------------------------------------------------- HF / GGUF BPE
@@ -120,6 +134,18 @@ class HFTokenizer:
     def token_to_id(self, token: str):
         return self._tk.token_to_id(token)
 
+    def token_byte_strings(self) -> list[bytes]:
+        """The bytes each token id stands for (specials: b'')."""
+        from tokenizers import decoders  # noqa: F401
+
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        specials = {t.content for t in self._tk.get_added_tokens_decoder().values() if t.special}
+        out = [b""] * self.vocab_size
+        for tok, i in self._tk.get_vocab(with_added_tokens=True).items():
+            if i < self.vocab_size and tok not in specials:
+                out[i] = bytes(byte_of[c] for c in tok) if all(c in byte_of for c in tok) else tok.encode("utf-8")
+        return out
+
     def token_bytes(self):
         """UTF-8 bytes each token stands for (byte-level BPE: one vocab character = one byte; specials 0)."""
         import numpy as np
@@ -182,6 +208,18 @@ class SentencePieceTokenizer:
                 out[i] = 1
             elif not (sp.IsControl(i) or sp.IsUnknown(i)):
                 out[i] = len(sp.IdToPiece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
+    def token_byte_strings(self) -> list[bytes]:
+        sp = self._sp
+        out = []
+        for i in range(self.vocab_size):
+            if sp.IsByte(i):
+                out.append(bytes([int(sp.IdToPiece(i)[3:5], 16)]))
+            elif sp.IsControl(i) or sp.IsUnknown(i):
+                out.append(b"")
+            else:
+                out.append(sp.IdToPiece(i).replace("\u2581", " ").encode("utf-8"))
         return out
 
     def token_to_id(self, token: str):
