@@ -71,11 +71,15 @@ def test_interleaved_rope_layout_equals_half_with_permuted_weights():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_kv_cache_incremental_equals_full_forward():
+def _model_and_batch(seed, T):
     cfg = _tiny()
-    p = init_params(cfg, jax.random.key(2))
-    toks = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
-    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    p = init_params(cfg, jax.random.key(seed))
+    toks = jax.random.randint(jax.random.key(seed + 1), (2, T), 0, cfg.vocab_size)
+    return cfg, p, toks, jnp.broadcast_to(jnp.arange(T), (2, T))
+
+
+def test_kv_cache_incremental_equals_full_forward():
+    cfg, p, toks, pos = _model_and_batch(2, 12)
     full, _ = forward(p, toks, pos, cfg)
     cache = KVCache.init(cfg, 2, 16)
     chunks = []
@@ -102,10 +106,7 @@ def test_packed_segments_do_not_attend_to_each_other():
 
 
 def test_scan_remat_and_unrolled_agree():
-    cfg = _tiny()
-    p = init_params(cfg, jax.random.key(7))
-    toks = jax.random.randint(jax.random.key(8), (2, 10), 0, cfg.vocab_size)
-    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    cfg, p, toks, pos = _model_and_batch(7, 10)
 
     def loss(params, c):
         return forward(params, toks, pos, c)[0].mean()
@@ -118,10 +119,7 @@ def test_scan_remat_and_unrolled_agree():
 
 
 def test_bfloat16_compute_is_close_to_float32():
-    cfg = _tiny()
-    p = init_params(cfg, jax.random.key(9))
-    toks = jax.random.randint(jax.random.key(10), (2, 10), 0, cfg.vocab_size)
-    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    cfg, p, toks, pos = _model_and_batch(9, 10)
     f32, _ = forward(p, toks, pos, cfg)
     bf16, _ = forward(p, toks, pos, cfg.replace(compute_dtype="bfloat16"))
     assert bf16.dtype == jnp.float32  # logits are always returned in float32

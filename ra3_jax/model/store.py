@@ -51,12 +51,8 @@ def runtime_overrides(section) -> dict:
 
 
 def model_config_from_section(section) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=section.vocab_size, d_model=section.d_model, n_layers=section.n_layers, n_heads=section.n_heads,
-        n_kv_heads=section.n_kv_heads, head_dim=section.head_dim, d_ff=section.d_ff, rope_theta=section.rope_theta,
-        rope_layout=section.rope_layout, norm_eps=section.norm_eps, qkv_bias=section.qkv_bias,
-        tie_embeddings=section.tie_embeddings, max_seq_len=section.max_seq_len, **runtime_overrides(section),
-    )  # fmt: skip
+    """The config schema's model section carries every LlamaConfig field (plus init/path)."""
+    return LlamaConfig(**{f.name: getattr(section, f.name) for f in dataclasses.fields(LlamaConfig)})
 
 
 def load_model(section, mesh, key=None) -> tuple[LlamaConfig, dict]:
