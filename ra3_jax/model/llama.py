@@ -164,9 +164,11 @@ def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: in
         v = v.reshape(B, T, K, Dh).transpose(0, 2, 1, 3)
         if cache_kv is not None:
             ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, cache_index, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0))
-            k_all, v_all, new_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
+            k_new, v_new = k.astype(ck.dtype), v.astype(cv.dtype)
+            ck = jax.lax.dynamic_update_slice(ck, k_new, (0, 0, cache_index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v_new, (0, 0, cache_index, 0))
+            # only the T new slots leave the layer; the caller writes them into the cache once, in place
+            k_all, v_all, new_kv = ck.astype(dt), cv.astype(dt), (k_new, v_new)
         else:
             k_all, v_all, new_kv = k, v, None
         attn = _attention(q, k_all, v_all, mask, cfg).reshape(B * T, K * G * Dh)
@@ -236,7 +238,11 @@ def forward(
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(k=kv_out[0], v=kv_out[1], valid=valid, index=cache.index + T)
+        # kv_out: the new keys/values [L, B, K, T, Dh]. Writing them with one update (instead of returning the
+        # whole cache from the layer scan) keeps decode cost flat in the cache length inside a while loop.
+        at = (0, 0, 0, cache_index, 0)
+        new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, kv_out[0], at),
+                            v=jax.lax.dynamic_update_slice(cache.v, kv_out[1], at), valid=valid, index=cache.index + T)  # fmt: skip
     if return_hidden:
         return x.reshape(B, T, -1), new_cache
     logits = x @ output_weight(params, cfg).astype(dt)
