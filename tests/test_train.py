@@ -62,6 +62,7 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tiny_overrides):
     (la, ea), (lb, eb) = _losses(straight), _losses(killed)
     assert sorted(la) == list(range(1, 13)) and la == lb and ea == eb  # identical loss curves, exactly
     assert la[12] < la[1]  # it learns
+    assert 0 in ea and ea[12] < ea[0]  # held-out loss before training, and it improves
     pa, pb = _final_params(straight), _final_params(killed)
     import jax
 

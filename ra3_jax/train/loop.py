@@ -198,10 +198,11 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
 
         progress = tqdm(total=cfg.train.steps, initial=start, desc=mode, unit="step", dynamic_ncols=True)
     last: dict = {}
+    at_start: dict = {}
     if start == 0 and cfg.train.eval_at_start and cfg.train.eval_every and sources["validation"] is not None:
         ev = evaluate(state.params, eval_fn, sources["validation"], tokenizer, cfg, mesh, token_bytes)
         writer.write(0, ev)
-        last.update({f"{k}@start": v for k, v in ev.items() if k != "eval/tokens"})
+        at_start = {f"{k}@start": v for k, v in ev.items() if k != "eval/tokens"}
     t0, tok0 = time.perf_counter(), 0.0
     try:
         for step in range(start + 1, cfg.train.steps + 1):
@@ -243,6 +244,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
             progress.close()
         ckpt.close()
         writer.close()
+    last.update(at_start)
     last["step"] = int(jax.device_get(state.step))
     return last
 
