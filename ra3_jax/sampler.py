@@ -184,12 +184,11 @@ def generate(params, prompt_tokens, prompt_lengths, key, forced_prefix, forced_l
         forced_tok = forced_prefix[:, jnp.minimum(s.step, F - 1)] if F else tok
         is_forced = s.step < forced_lengths
         tok = jnp.where(is_forced, forced_tok, tok)
-        lp = jax.nn.log_softmax(s.logits, axis=-1)
-        lpp = jax.nn.log_softmax(proc, axis=-1) if not sampling.greedy else lp
-        tok_lp = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
-        tok_lpp = jnp.take_along_axis(lpp, tok[:, None], axis=-1)[:, 0]
+        tok_lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
         if sampling.greedy:  # the sampling distribution is a point mass
-            tok_lpp = jnp.zeros_like(tok_lpp)
+            tok_lpp = jnp.zeros_like(tok_lp)
+        else:
+            tok_lpp = jnp.take_along_axis(jax.nn.log_softmax(proc, axis=-1), tok[:, None], axis=-1)[:, 0]
         active = ~s.done
         tok = jnp.where(active, tok, pad_id)
         tokens = s.tokens.at[:, s.step].set(tok)

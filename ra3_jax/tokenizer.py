@@ -41,6 +41,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def _byte_counts(strings: list[bytes]):
+    """UTF-8 bytes each token stands for (bits-per-byte accounting; specials count 0)."""
+    import numpy as np
+
+    return np.array([len(b) for b in strings], np.int64)
+
+
 # --------------------------------------------------------------------------------------------- HF / GGUF BPE
 class HFTokenizer:
     """A `tokenizers` (Rust) tokenizer: loaded from tokenizer.json or built from a GGUF file's vocab + merges."""
@@ -136,8 +143,6 @@ class HFTokenizer:
 
     def token_byte_strings(self) -> list[bytes]:
         """The bytes each token id stands for (specials: b'')."""
-        from tokenizers import decoders  # noqa: F401
-
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
         specials = {t.content for t in self._tk.get_added_tokens_decoder().values() if t.special}
         out = [b""] * self.vocab_size
@@ -147,15 +152,7 @@ class HFTokenizer:
         return out
 
     def token_bytes(self):
-        """UTF-8 bytes each token stands for (byte-level BPE: one vocab character = one byte; specials 0)."""
-        import numpy as np
-
-        out = np.zeros(self.vocab_size, np.int64)
-        specials = {t.content for t in self._tk.get_added_tokens_decoder().values() if t.special}
-        for tok, i in self._tk.get_vocab(with_added_tokens=True).items():
-            if i < self.vocab_size:
-                out[i] = 0 if tok in specials else len(tok)
-        return out
+        return _byte_counts(self.token_byte_strings())
 
     def save(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
@@ -199,16 +196,7 @@ class SentencePieceTokenizer:
         return self._sp.DecodeIds([int(i) for i in ids])
 
     def token_bytes(self):
-        import numpy as np
-
-        sp = self._sp
-        out = np.zeros(self.vocab_size, np.int64)
-        for i in range(self.vocab_size):
-            if sp.IsByte(i):
-                out[i] = 1
-            elif not (sp.IsControl(i) or sp.IsUnknown(i)):
-                out[i] = len(sp.IdToPiece(i).replace("\u2581", " ").encode("utf-8"))
-        return out
+        return _byte_counts(self.token_byte_strings())
 
     def token_byte_strings(self) -> list[bytes]:
         sp = self._sp

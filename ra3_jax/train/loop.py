@@ -254,9 +254,9 @@ def evaluate_only(cfg: RunConfig) -> dict:
     mesh = make_run_mesh(cfg)
     tokenizer = resolve_tokenizer(cfg)
     sources = build_corpus(cfg.data)
+    if sources["validation"] is None:
+        raise TrainingError("the corpus has no validation split; raise data.validation_fraction")
     model_cfg, params = load_model(cfg.model, mesh, key=jax.random.key(cfg.train.seed))
     check_vocab(tokenizer, model_cfg)
     eval_fn = jit_eval_step(model_cfg, mesh, param_shardings(model_cfg, mesh))
-    if sources["validation"] is None:
-        raise TrainingError("the corpus has no validation split; raise data.validation_fraction")
     return evaluate(params, eval_fn, sources["validation"], tokenizer, cfg, mesh, tokenizer.token_bytes())
