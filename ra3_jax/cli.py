@@ -35,6 +35,32 @@ def cmd_train(args, mode):
     print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
 
 
+def cmd_midtrain_ra3(args):
+    from ra3_jax.algorithms.ra3 import midtrain_ra3
+
+    cfg = _cfg(args)
+    result = midtrain_ra3(cfg)
+    print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+
+
+def cmd_show_latents(args):
+    from ra3_jax.data.bootstrap import read_records
+
+    run = os.path.abspath(args.run)
+    iters = sorted(int(d.split("_", 1)[1]) for d in os.listdir(run) if d.startswith("iter_") and os.path.isdir(os.path.join(run, d, "bootstrap")))
+    if not iters:
+        raise FileNotFoundError(f"{run} holds no bootstrap corpus (iter_<k>/bootstrap); run `ra3 midtrain-ra3` first")
+    k = iters[-1] if args.iteration is None else args.iteration
+    recs = read_records(os.path.join(run, f"iter_{k}", "bootstrap"))
+    if args.only_with_latents:
+        recs = [r for r in recs if r.n_latents]
+    for r in recs[: args.limit]:
+        print(f"===== {r.doc_id}  (iteration {r.iteration}, {r.n_latents} latents, from model step {r.source_step})")
+        for line in r.text.splitlines():
+            mark = ">>" if args.marker and line.lstrip().startswith(args.marker) else "  "
+            print(f"{mark} {line}")
+
+
 def cmd_eval_loss(args):
     from ra3_jax.train.loop import evaluate_only
 
@@ -131,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("pretrain", help="NTP training from random init")).set_defaults(fn=lambda a: cmd_train(a, "pretrain"))
     with_config(sub.add_parser("midtrain-ntp", help="NTP continued training of a real model")).set_defaults(fn=lambda a: cmd_train(a, "midtrain-ntp"))
+    with_config(sub.add_parser("midtrain-ra3", help="RA3 EM mid-training (E-step latent discovery + M-step NTP)")).set_defaults(fn=cmd_midtrain_ra3)
+    sl = sub.add_parser("show-latents", help="print bootstrapped documents with their inserted rationales")
+    sl.add_argument("run", help="a midtrain-ra3 run directory (train.out_dir)")
+    sl.add_argument("--iteration", type=int, default=None, help="EM iteration (default: the last written)")
+    sl.add_argument("--limit", type=int, default=5)
+    sl.add_argument("--only-with-latents", action="store_true")
+    sl.add_argument("--marker", default="# thought:", help="lines starting with this are flagged >>")
+    sl.set_defaults(fn=cmd_show_latents)
     with_config(sub.add_parser("eval-loss", help="held-out loss and bits per byte")).set_defaults(fn=cmd_eval_loss)
 
     sm = with_config(sub.add_parser("sample", help="generate completions; prompts from a file or stdin, JSONL out"))

@@ -111,6 +111,42 @@ class TrainSection:
 
 
 @dataclass
+class RA3Section:
+    """RA3 mid-training (docs/RA3.md). Every knob of the formulation is here."""
+
+    iterations: int = 2  # EM iterations K
+    docs_per_iteration: int = 64  # documents the E-step annotates per iteration (0 = the whole train split)
+    max_doc_tokens: int = 256  # files are cut at step boundaries into documents of at most this many code tokens
+    granularity: str = "statement"  # statement | line (boundary rule, data/boundaries.py)
+    every_k: int = 1  # keep every k-th boundary
+    max_depth: int = -1  # statement boundaries only at indentation depth <= this (-1 = any)
+    candidates_per_doc: int = 4  # K candidate boundaries per document per iteration
+    group_size: int = 4  # G rationales sampled per candidate
+    max_latent_tokens: int = 24  # L_z (tokens generated after the marker)
+    marker: str = "# thought:"  # rationales are rendered as `<indent><marker> <text>\n`
+    horizon_steps: int = 4  # H: steps scored after the boundary
+    max_horizon_tokens: int = 128
+    context_tokens: int = 256  # prefix tokens kept in the prompt / scoring context
+    alpha: float = 0.9  # sticky prior p_0(CONTINUE); switching cost c = log(alpha / (1 - alpha))
+    beta: float = 0.0  # weight of log q(r) - log p_ref(r) in the reward
+    advantage: str = "grpo"  # grpo | rloo | drgrpo
+    kl_coef: float = 0.0  # optional KL-to-reference loss term on rationale tokens
+    kl_estimator: str = "k3"  # k1 | k3
+    loss_aggregation: str = "token"  # token | sequence
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    estep_batch_docs: int = 8  # documents per E-step policy update
+    estep_lr: float = 1.0e-5  # policy learning rate (constant)
+    mstep_steps: int = 50  # M-step optimizer steps per iteration (batch = data.batch_size x data.seq_len tokens)
+    mask_latents: bool = False  # ablation: no M-step loss on latent tokens
+    mstep_init: str = "model"  # M-step continues the generative model ("model") or the E-step policy ("policy")
+    eval_docs: int = 16  # held-out documents for the ELBO / NTP log-likelihood
+    eval_candidates_per_doc: int = 4
+    baseline: bool = False  # compute-matched NTP baseline: no E-step, same M-step batches and token budget
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
@@ -118,6 +154,7 @@ class RunConfig:
     mesh: MeshSection = field(default_factory=MeshSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    ra3: RA3Section = field(default_factory=RA3Section)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -241,6 +278,11 @@ _CHOICES = {
     ("model", "compute_dtype"): ("float32", "bfloat16"),
     ("tokenizer", "kind"): ("auto", "gguf", "hf", "sentencepiece"),
     ("optim", "schedule"): ("cosine", "constant"),
+    ("ra3", "granularity"): ("statement", "line"),
+    ("ra3", "advantage"): ("grpo", "rloo", "drgrpo"),
+    ("ra3", "kl_estimator"): ("k1", "k3"),
+    ("ra3", "loss_aggregation"): ("token", "sequence"),
+    ("ra3", "mstep_init"): ("model", "policy"),
 }
 
 
@@ -257,6 +299,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} must be a positive multiple of optim.grad_accum={cfg.optim.grad_accum}"
         )
+    r = cfg.ra3
+    if not 0.0 < r.alpha <= 1.0:
+        raise ConfigError(f"ra3.alpha={r.alpha} must be in (0, 1] (alpha = 1 means no latent is ever accepted)")
+    for key in ("iterations", "candidates_per_doc", "group_size", "max_latent_tokens", "horizon_steps", "estep_batch_docs",
+                "mstep_steps", "every_k", "max_doc_tokens", "context_tokens", "max_horizon_tokens"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"ra3.{key}={getattr(r, key)} must be >= 1")
+    if r.group_size < 2 and r.advantage in ("grpo", "rloo"):
+        raise ConfigError(f"ra3.group_size={r.group_size}: group-normalized advantages need at least 2 samples per group")
     if not 0.0 <= cfg.data.validation_fraction < 1.0:
         raise ConfigError("data.validation_fraction must be in [0, 1)")
     return cfg
