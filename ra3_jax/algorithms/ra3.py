@@ -400,6 +400,29 @@ def candidate_rounds(docs: list[Document], indices: list[int], K: int, seed_part
 
 
 # ------------------------------------------------------------------------------------------------ ELBO eval
+def path_terms(lp_y: np.ndarray, doc: Document, lat: dict) -> tuple[float, np.ndarray, np.ndarray]:
+    """Split the teacher-forced log-probs of one document-with-latents sequence into its ELBO terms.
+
+    lp_y[j] = log p(y[j+1] | y[<=j]) for y = doc_sequence(doc, lat). Returns (code log-likelihood including the
+    eos, is_latent [T], log p_ref(z_t | s_t) [T] (0 where no latent)).
+    """
+    is_lat = np.array([t in lat for t in range(doc.num_steps)], bool)
+    ref = np.zeros(doc.num_steps)
+    code_ll, pos = 0.0, 0  # pos = index into lp_y of the next token's prediction
+    for t in range(doc.num_steps):
+        if t in lat:
+            n = len(lat[t]["tokens"])
+            ref[t] = float(np.sum(lp_y[pos: pos + n]))
+            pos += n
+        n = len(doc.steps[t])
+        code_ll += float(np.sum(lp_y[pos: pos + n]))
+        pos += n
+    code_ll += float(lp_y[pos])  # eos
+    if pos + 1 != len(lp_y):
+        raise AssertionError(f"sequence/latent bookkeeping mismatch: {pos + 1} != {len(lp_y)}")
+    return code_ll, is_lat, ref
+
+
 def evaluate_elbo(proposer: LatentProposer, params, docs: list[Document], *, seed: int) -> dict:
     """Held-out ELBO per code token with latents from propose-score-select (theta as policy), and the exact
     NTP log-likelihood of the same documents without latents (both nats per code token; code = steps + eos)."""
@@ -424,17 +447,7 @@ def evaluate_elbo(proposer: LatentProposer, params, docs: list[Document], *, see
     elbo, ntp, ncode, nlat, nbound, lat_tok = 0.0, 0.0, 0, 0, 0, 0
     for d, doc in enumerate(docs):
         lat = latents.get(d, {})
-        code_ll = float(lp_y[d][~masks[d]].sum())
-        is_lat = np.array([t in lat for t in range(doc.num_steps)])
-        ref = np.zeros(doc.num_steps)
-        # per-latent log p_ref(r | s_t): sum of the latent tokens' log-probs in the y sequence
-        pos = 1
-        for t in range(doc.num_steps):
-            if t in lat:
-                n = len(lat[t]["tokens"])
-                ref[t] = float(lp_y[d][pos - 1: pos - 1 + n].sum())
-                pos += n
-            pos += len(doc.steps[t])
+        code_ll, is_lat, ref = path_terms(lp_y[d], doc, lat)
         elbo += code_ll + float(np.sum(log_prior(is_lat, ref, r.alpha)))
         ntp += float(lp_x[d].sum())
         ncode += doc.code_tokens + 1

@@ -1,0 +1,288 @@
+"""RA3: boundaries, policy-gradient pieces, the ELBO against brute-force enumeration, E-step scoring against a
+naive computation, alpha -> 1 equals the NTP baseline, and resume after SIGKILL in the E-step and the M-step."""
+import ast
+import itertools
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ra3_jax.data.boundaries import find_boundaries, split_steps
+from ra3_jax.objectives.elbo import elbo_estimate, elbo_expectation, log_prior, path_log_joint, switch_cost
+from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient_loss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------ boundaries
+CLAUSES = ("else", "elif", "except", "finally", "@", "case", "match")
+
+
+def test_boundaries_are_statement_starts_on_real_code(small_corpus_cfg):
+    """On stdlib files every AST statement line is a boundary; every other boundary is a clause header/decorator."""
+    from ra3_jax.data.corpus import list_source_files, read_source
+
+    files = list_source_files(["stdlib"], max_files=40)
+    checked = 0
+    for f in files:
+        text = read_source(f, skip_non_utf8=True)
+        if not text:
+            continue
+        b = find_boundaries(text)
+        assert "".join(split_steps(text, b)) == text
+        line_of = {off: text.count("\n", 0, off) + 1 for off in b}
+        lines = set(line_of.values())
+        stmt_lines = {n.lineno for n in ast.walk(ast.parse(text)) if isinstance(n, ast.stmt) and not _shares_line(text, n)}
+        assert stmt_lines <= lines, (f.relpath, sorted(stmt_lines - lines)[:5])
+        src_lines = text.splitlines()
+        for ln in lines - stmt_lines - {1}:
+            assert src_lines[ln - 1].lstrip().startswith(CLAUSES), (f.relpath, ln, src_lines[ln - 1])
+        checked += 1
+    assert checked >= 30
+
+
+def _shares_line(text, node) -> bool:
+    """`a; b` or `if x: y` puts a statement mid-line (not a boundary by design)."""
+    line = text.splitlines()[node.lineno - 1]
+    return line[: node.col_offset].strip() != ""
+
+
+def test_boundaries_granularity_depth_and_syntax_errors():
+    text = 'import os\n\ndef f(x,\n      y):\n    """doc\n    string"""\n    # c\n    return (x +\n            y)\n'
+    steps = split_steps(text, find_boundaries(text))
+    assert steps == ["import os\n\n", "def f(x,\n      y):\n", '    """doc\n    string"""\n    # c\n', "    return (x +\n            y)\n"]
+    assert split_steps(text, find_boundaries(text, max_depth=0)) == ["import os\n\n", text[len("import os\n\n"):]]
+    assert len(find_boundaries(text, granularity="line")) == 8  # every non-blank line
+    assert find_boundaries(text, every_k=2) == find_boundaries(text)[::2]
+    broken = "x = 1\nif x:\n        y = 2\n    z = 3\nw = 4\ns = '''open\n"
+    b = find_boundaries(broken)
+    assert "".join(split_steps(broken, b)) == broken and len(b) >= 4
+    with pytest.raises(ValueError, match="granularity"):
+        find_boundaries(text, granularity="word")
+
+
+# --------------------------------------------------------------------------------------- policy gradient
+def test_group_advantages_and_kl_hand_computed():
+    r = np.array([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
+    g = np.asarray(group_advantages(r, 4, "grpo", eps=0.0))
+    m, sd = 3.0, math.sqrt(((1 - 3) ** 2 + 1 + 0 + 9) / 4)
+    np.testing.assert_allclose(g[:4], (r[:4] - m) / sd, rtol=1e-6)
+    np.testing.assert_allclose(g[4:], np.array([-1, -1, -1, 3]) / math.sqrt(3.0), rtol=1e-6)
+    rl = np.asarray(group_advantages(r, 4, "rloo"))
+    np.testing.assert_allclose(rl[0], 1.0 - (2 + 3 + 6) / 3, rtol=1e-6)  # leave-one-out baseline
+    np.testing.assert_allclose(np.asarray(group_advantages(r, 4, "drgrpo"))[:4], r[:4] - 3.0, rtol=1e-6)
+    for method in ("grpo", "rloo", "drgrpo"):  # the switching cost c is a per-group constant: no effect
+        np.testing.assert_allclose(group_advantages(r - 2.94, 4, method), group_advantages(r, 4, method), atol=1e-5)
+    lp, lr = jnp.array([-1.0, -2.0]), jnp.array([-1.5, -1.0])
+    np.testing.assert_allclose(kl_estimate(lp, lr, "k1"), [0.5, -1.0], rtol=1e-6)
+    np.testing.assert_allclose(kl_estimate(lp, lr, "k3"), [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1], rtol=1e-6)
+
+
+def test_pg_loss_is_reinforce_on_policy():
+    key = jax.random.key(0)
+    logits = jax.random.normal(key, (3, 5, 7))
+    toks = jax.random.randint(jax.random.key(1), (3, 5), 0, 7)
+    mask = jnp.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [0, 1, 1, 0, 0]], jnp.float32)
+    adv = jnp.array([1.5, -0.5, -1.0])
+
+    def lp_of(lg):
+        return jnp.take_along_axis(jax.nn.log_softmax(lg), toks[..., None], -1)[..., 0]
+
+    loss = lambda lg: policy_gradient_loss(lp_of(lg), jax.lax.stop_gradient(lp_of(lg)), adv, mask)  # noqa: E731
+    manual = lambda lg: -(adv[:, None] * lp_of(lg) * mask).sum() / mask.sum()  # noqa: E731
+    np.testing.assert_allclose(jax.grad(loss)(logits), jax.grad(manual)(logits), atol=1e-6)
+    np.testing.assert_allclose(loss(logits), -(adv[:, None] * mask).sum() / mask.sum(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- ELBO
+@pytest.fixture(scope="module")
+def tiny_setup(spm_tokenizer):
+    from ra3_jax.config import load_config
+    from ra3_jax.model.params import init_params
+    from ra3_jax.model.store import model_config_from_section
+
+    cfg = load_config(os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"), ["mesh.data=1", "ra3.estep_batch_docs=2", "ra3.group_size=3"])
+    mcfg = model_config_from_section(cfg.model)
+    params = init_params(mcfg, jax.random.key(3))
+    return cfg, mcfg, params, spm_tokenizer
+
+
+def _naive_logprobs(params, mcfg, seq):
+    """Per-token log p(seq[j+1] | seq[<=j]) with a plain full forward (batch 1, no padding, no cache)."""
+    from ra3_jax.model.llama import forward
+
+    toks = jnp.asarray(seq, jnp.int32)[None]
+    logits, _ = forward(params, toks[:, :-1], jnp.arange(len(seq) - 1)[None], mcfg)
+    lp = jax.nn.log_softmax(logits[0].astype(jnp.float32))
+    return np.asarray(jnp.take_along_axis(lp, toks[0, 1:, None], -1)[:, 0], np.float64)
+
+
+def test_elbo_against_brute_force_enumeration(tiny_setup):
+    """Tiny latent space {CONTINUE, r1, r2} at each of 3 boundaries: 27 paths enumerated.
+
+    - the estimator's log p(x, z) of every path equals a brute-force sum over an independently built sequence;
+    - log p(x) = logsumexp over paths >= every path's ELBO (the bound holds);
+    - the ELBO of the exact posterior q*(z) = p(x, z) / p(x) equals log p(x) (tight), a factorized q is below;
+    - the Monte Carlo estimate with samples of that q converges to its exact expectation.
+    """
+    from ra3_jax.algorithms.ra3 import LatentProposer, doc_sequence, make_documents, path_terms, start_id
+    from ra3_jax.sharding import make_mesh
+
+    cfg, mcfg, params, tok = tiny_setup
+    alpha = 0.7
+    doc = make_documents("x = 1\ny = x + 2\nprint(y)\n", "toy.py", tok, cfg.ra3)[0]
+    assert doc.num_steps == 3
+    rats = ["# thought: add two\n", "# thought: print it\n"]
+    rat_tokens = [tok.encode(r) for r in rats]
+    proposer = LatentProposer(cfg, mcfg, tok, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+
+    log_joint = []
+    for path in itertools.product([None, 0, 1], repeat=3):
+        lat = {t: {"tokens": rat_tokens[z], "text": rats[z]} for t, z in enumerate(path) if z is not None}
+        # estimator: batched padded teacher forcing + bookkeeping in path_terms + prior
+        y, _ = doc_sequence(doc, lat, tok)
+        lp = proposer.sequence_logprobs(params, [y])[0]
+        code_ll, is_lat, ref = path_terms(lp, doc, lat)
+        est = path_log_joint(code_ll, is_lat, ref, alpha)
+        # brute force: build the interleaved sequence by hand, label each token, plain forward
+        seq, kind = [start_id(tok)], ["start"]
+        for t, z in enumerate(path):
+            if z is not None:
+                seq += rat_tokens[z]
+                kind += ["latent"] * len(rat_tokens[z])
+            seq += doc.steps[t]
+            kind += ["code"] * len(doc.steps[t])
+        seq.append(tok.eos_id)
+        kind.append("code")
+        naive = _naive_logprobs(params, mcfg, seq)
+        brute = sum(lpj for lpj, k in zip(naive, kind[1:]))  # code + latent tokens
+        brute += sum(math.log(alpha) if z is None else math.log(1 - alpha) for z in path)
+        np.testing.assert_allclose(est, brute, rtol=0, atol=2e-4)
+        log_joint.append(brute)
+    log_joint = np.array(log_joint)
+    log_px = float(np.logaddexp.reduce(log_joint))
+    assert np.all(log_joint <= log_px + 1e-9)
+    q_star = np.exp(log_joint - log_px)
+    np.testing.assert_allclose(elbo_expectation(log_joint, q_star), log_px, atol=1e-9)
+    # a factorized q: each boundary independently CONTINUE 0.5, r1 0.25, r2 0.25
+    per = {None: 0.5, 0: 0.25, 1: 0.25}
+    q = np.array([np.prod([per[z] for z in p]) for p in itertools.product([None, 0, 1], repeat=3)])
+    e_q = elbo_expectation(log_joint, q)
+    assert e_q < log_px - 1e-3
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(q), size=20000, p=q)
+    terms = log_joint[idx] - np.log(q[idx])
+    assert abs(elbo_estimate(log_joint[idx], np.log(q[idx])) - e_q) < 4 * terms.std() / math.sqrt(len(idx))
+
+
+def test_estep_scores_match_naive_horizon_likelihoods(tiny_setup):
+    """The batched padded scoring (ll_z, ll_c, log p_ref) equals per-sequence naive sums, and R = gain - c."""
+    from ra3_jax.algorithms.ra3 import LatentProposer, make_documents
+    from ra3_jax.sharding import make_mesh
+
+    cfg, mcfg, params, tok = tiny_setup
+    proposer = LatentProposer(cfg, mcfg, tok, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    text = "def f(a):\n    b = a * 2\n    c = b + 1\n    return c\n\nprint(f(3))\n"
+    docs = make_documents(text, "t.py", tok, cfg.ra3)
+    prior = {1: {"tokens": tok.encode("    # thought: double\n"), "text": "    # thought: double\n"}}
+    cands = [proposer.candidate(docs, 0, 2, prior), proposer.candidate(docs, 0, 0, {})]
+    zs = ["# thought: add one", "# thought: x", "# thought: return the value of c"]
+    groups = [[{"tokens": tok.encode(c.indent + z + "\n"), "text": z, "generated": 1} for z in zs] for c in cands]
+    batch, _ = proposer.batch_arrays(cands, groups)
+    out = jax.device_get(proposer.score_fn()(params, batch))
+    for i, c in enumerate(cands):
+        naive_c = _naive_logprobs(params, mcfg, c.ctx + c.horizon)[len(c.ctx) - 1:].sum()
+        np.testing.assert_allclose(out["ll_c"][i], naive_c, atol=2e-4)
+        for g, z in enumerate(groups[i]):
+            lp = _naive_logprobs(params, mcfg, c.ctx + z["tokens"] + c.horizon)
+            nz = len(z["tokens"])
+            np.testing.assert_allclose(out["logp_ref"][i, g], lp[len(c.ctx) - 1: len(c.ctx) - 1 + nz].sum(), atol=2e-4)
+            np.testing.assert_allclose(out["ll_z"][i, g], lp[len(c.ctx) - 1 + nz:].sum(), atol=2e-4)
+    R = proposer.rewards(out, len(cands))
+    np.testing.assert_allclose(R, out["gain"][:2] - switch_cost(cfg.ra3.alpha), atol=1e-6)
+    assert cands[0].ctx[-len(docs[0].steps[1]):] == docs[0].steps[1]  # the prompt holds the accepted latent
+    assert set(prior[1]["tokens"]) <= set(cands[0].ctx)
+
+
+def test_prior_and_switch_cost():
+    assert switch_cost(0.5) == 0.0 and switch_cost(1.0) == math.inf
+    np.testing.assert_allclose(switch_cost(0.9), math.log(9.0))
+    np.testing.assert_allclose(log_prior([False, True], [0.0, -3.0], 0.9), [math.log(0.9), math.log(0.1) - 3.0])
+    with pytest.raises(ValueError):
+        switch_cost(0.0)
+
+
+# --------------------------------------------------------------------------------------------- whole runs
+def _ra3_overrides(tmp, spm_tokenizer, tfds_dir, *extra):
+    return [f"tokenizer.path={os.path.dirname(spm_tokenizer._file)}", f"data.tfds_dir={tfds_dir}", f"train.out_dir={tmp}", "train.progress=false",
+            "ra3.docs_per_iteration=16", "ra3.eval_docs=4", "ra3.mstep_steps=4", "train.ckpt_every=2", *extra]  # fmt: skip
+
+
+def _final_params(run_dir):
+    from ra3_jax.model.params import abstract_params
+    from ra3_jax.model.store import read_model_config
+    from ra3_jax.train.checkpoint import RunCheckpointer
+
+    ck = RunCheckpointer(os.path.join(run_dir, "checkpoints"), async_save=False)
+    try:
+        return jax.device_get(ck.restore_params(ck.latest_step(), abstract_params(read_model_config(run_dir))))
+    finally:
+        ck.close()
+
+
+def test_alpha_one_is_exactly_the_ntp_baseline(tmp_path, spm_tokenizer, tfds_dir):
+    """c = inf: the E-step runs (samples, scores, updates its policy) but accepts nothing, and the M-step gives
+    bitwise the parameters of the compute-matched NTP baseline on the same batches."""
+    from ra3_jax.algorithms.ra3 import midtrain_ra3
+    from ra3_jax.config import load_config
+    from ra3_jax.data.bootstrap import read_records
+
+    cfgp = os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml")
+    a = midtrain_ra3(load_config(cfgp, _ra3_overrides(tmp_path / "a", spm_tokenizer, tfds_dir, "ra3.alpha=1.0")))
+    b = midtrain_ra3(load_config(cfgp, _ra3_overrides(tmp_path / "b", spm_tokenizer, tfds_dir, "ra3.baseline=true")))
+    assert a["estep/accepted_fraction"] == 0.0 and a["estep/seconds"] > 0 and a["eval/latent_rate"] == 0.0
+    for k in range(2):
+        ra, rb = read_records(tmp_path / "a" / f"iter_{k}" / "bootstrap"), read_records(tmp_path / "b" / f"iter_{k}" / "bootstrap")
+        assert [r.doc_id for r in ra] == [r.doc_id for r in rb] and all(r.n_latents == 0 for r in ra)
+        assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(ra, rb))
+    pa, pb = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+    np.testing.assert_allclose(a["eval/ntp_ll_per_code_token"], b["eval/ntp_ll_per_code_token"], rtol=1e-6)
+    assert a["step"] == b["step"] == 8
+
+
+def _run_cli(out, spm_tokenizer, tfds_dir, fault=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env.pop("RA3_FAULT_KILL_AFTER_STEP", None)
+    if fault:
+        env["RA3_FAULT_KILL_AFTER_STEP"] = fault
+    cmd = [sys.executable, "-m", "ra3_jax.cli", "midtrain-ra3", "-c", os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"),
+           *_ra3_overrides(out, spm_tokenizer, tfds_dir, "ra3.alpha=0.6")]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_after_sigkill_in_estep_and_mstep(tmp_path, spm_tokenizer, tfds_dir):
+    """Killed after E-step batch 1 of iteration 1, then (resumed) killed in the M-step of iteration 1: the final
+    parameters and the bootstrap corpora equal those of an uninterrupted run."""
+    from ra3_jax.data.bootstrap import read_records
+
+    straight = _run_cli(tmp_path / "s", spm_tokenizer, tfds_dir)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "k"
+    p = _run_cli(out, spm_tokenizer, tfds_dir, fault="estep:1:1")
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert not (out / "iter_1" / "bootstrap").exists()
+    p = _run_cli(out, spm_tokenizer, tfds_dir, fault="mstep:1:3")
+    assert p.returncode == -9, p.stderr[-3000:]
+    p = _run_cli(out, spm_tokenizer, tfds_dir)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for k in range(2):
+        rs, rk = read_records(tmp_path / "s" / f"iter_{k}" / "bootstrap"), read_records(out / f"iter_{k}" / "bootstrap")
+        assert [r.text for r in rs] == [r.text for r in rk]
+    assert sum(r.n_latents for r in rs) > 0  # alpha = 0.6 accepts latents, so the E-step state mattered
+    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "s"), _final_params(out))
