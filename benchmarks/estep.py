@@ -1,0 +1,93 @@
+"""RA3 E-step throughput against the raw sampler on the same shapes, one run.
+
+E-step tokens/s = (rationale tokens generated + tokens scored by the frozen model) / wall time of full E-step
+rounds (propose with the in-graph sampler, batched teacher-forced scoring with and without each rationale,
+one policy-gradient update, selection). The reference is the sampler alone generating the same rows (same
+prompts, G samples, forced marker, same max new tokens), measured in the same run. Goal (issue #5): the E-step
+keeps >= 60% of the raw sampler rate.
+
+Usage: python benchmarks/estep.py [--config configs/ra3_tiny_cpu.yaml] [--smollm2] [--rounds 4] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from ra3_jax import enable_compilation_cache
+from ra3_jax.algorithms.ra3 import LatentProposer, candidate_rounds, take_documents
+from ra3_jax.config import load_config
+from ra3_jax.data.corpus import build_corpus
+from ra3_jax.model.store import load_model
+from ra3_jax.train.loop import check_vocab, make_run_mesh, resolve_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"))
+    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M (configs/ra3_smollm2_cpu.yaml)")
+    ap.add_argument("--rounds", type=int, default=4, help="timed E-step rounds (after one warm-up round)")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args()
+    enable_compilation_cache()
+    path = os.path.join(REPO, "configs", "ra3_smollm2_cpu.yaml") if a.smollm2 else a.config
+    cfg = load_config(path, a.overrides)
+    r = cfg.ra3
+    mesh = make_run_mesh(cfg)
+    tok = resolve_tokenizer(cfg)
+    model_cfg, params = load_model(cfg.model, mesh)
+    check_vocab(tok, model_cfg)
+    need = r.estep_batch_docs * (a.rounds + 1)
+    docs = take_documents(build_corpus(cfg.data)["train"], tok, r, need, cfg.data.shuffle_seed)
+    prop = LatentProposer(cfg, model_cfg, tok, mesh)
+    policy = prop.init_policy(params)
+    rounds = []
+    for b in range(a.rounds + 1):
+        idx = list(range(b * r.estep_batch_docs, (b + 1) * r.estep_batch_docs))
+        rounds.append(candidate_rounds(docs, idx, 1, (0, b))[0])
+
+    # E-step rounds (first = warm-up / compile)
+    latents: dict = {}
+    cands_all, gen, scored, t_e = [], 0, 0, 0.0
+    for i, rnd in enumerate(rounds):
+        cands = [prop.candidate(docs, d, t, {}) for d, t in rnd]
+        cands_all.append(cands)
+        t0 = time.perf_counter()
+        policy, s = prop.run_round(docs, cands, latents, jax.random.key(i), policy_state=policy, model_params=params)
+        jax.block_until_ready(policy.params)
+        if i:
+            t_e += time.perf_counter() - t0
+            gen += s["generated_tokens"]
+            scored += s["scored_tokens"]
+    # the raw sampler on the same prompts and shapes
+    prop.sampler.params = policy.params
+    t_s, gen_s = 0.0, 0
+    for i, cands in enumerate(cands_all):
+        pad = cands + [cands[0]] * (prop.n_pairs - len(cands))
+        F = max(len(c.forced) for c in pad)
+        t0 = time.perf_counter()
+        out = prop.sampler.generate_tokens([c.ctx for c in pad], max_new_tokens=F + r.max_latent_tokens, sampling=prop.sampling,
+                                           key=jax.random.key(100 + i), num_samples=prop.G, stop_strings=["\n"],
+                                           forced_prefix=[c.forced for c in pad])  # fmt: skip
+        if i:
+            t_s += time.perf_counter() - t0
+            gen_s += int(sum(int(out.lengths[j]) for j in range(len(cands) * prop.G)))
+    e_rate, s_rate = (gen + scored) / t_e, gen_s / t_s
+    res = {
+        "device": str(jax.devices()[0].platform), "model_params": model_cfg.num_params(), "docs_per_round": r.estep_batch_docs,
+        "group_size": prop.G, "max_latent_tokens": r.max_latent_tokens, "context_tokens": r.context_tokens,
+        "estep_tokens_per_s": round(e_rate, 1), "estep_generated_tokens_per_s": round(gen / t_e, 1),
+        "estep_seconds_per_round": round(t_e / a.rounds, 3), "sampler_tokens_per_s": round(s_rate, 1),
+        "ratio_estep_vs_sampler": round(e_rate / s_rate, 3), "sampler_share_of_estep_time": round((gen / s_rate) / t_e, 3),
+    }  # fmt: skip
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
