@@ -16,7 +16,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from ra3_jax import enable_compilation_cache
 from ra3_jax.algorithms.ra3 import LatentProposer, candidate_rounds, take_documents
@@ -59,7 +58,7 @@ def main():
         cands = [prop.candidate(docs, d, t, {}) for d, t in rnd]
         cands_all.append(cands)
         t0 = time.perf_counter()
-        policy, s = prop.run_round(docs, cands, latents, jax.random.key(i), policy_state=policy, model_params=params)
+        policy, s = prop.run_round(cands, latents, jax.random.key(i), policy_state=policy, model_params=params)
         jax.block_until_ready(policy.params)
         if i:
             t_e += time.perf_counter() - t0

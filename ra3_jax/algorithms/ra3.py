@@ -41,20 +41,20 @@ import numpy as np
 import optax
 
 from ra3_jax import sharding
-from ra3_jax.config import RunConfig, dump_config
+from ra3_jax.config import RunConfig
 from ra3_jax.data.boundaries import find_boundaries, indentation, split_steps
 from ra3_jax.data.bootstrap import BootstrapRecord, is_complete, make_bootstrap_dataset, write_bootstrap
 from ra3_jax.data.corpus import build_corpus
 from ra3_jax.model.llama import LlamaConfig
 from ra3_jax.model.params import param_shardings
-from ra3_jax.model.store import load_model, save_model_config
+from ra3_jax.model.store import load_model
 from ra3_jax.objectives.elbo import log_prior, switch_cost
 from ra3_jax.objectives.ntp import token_logprobs
 from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient_loss
 from ra3_jax.sampler import Sampler, SamplingParams, bucket
 from ra3_jax.train.checkpoint import RunCheckpointer
 from ra3_jax.train.loop import (FAULT_ENV, MetricsWriter, TrainingError, check_vocab, global_batch, is_main_process,
-                                make_run_mesh, resolve_tokenizer)  # fmt: skip
+                                make_run_mesh, raise_if_nonfinite, resolve_tokenizer, write_run_metadata)  # fmt: skip
 from ra3_jax.train.state import TrainState, abstract_state, create_state, make_optimizer, state_shardings
 from ra3_jax.train.step import jit_train_step
 
@@ -247,9 +247,9 @@ class LatentProposer:
                               optax.adamw(self.r.estep_lr, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps, weight_decay=0.0))  # fmt: skip
         self.st_shard = state_shardings(model_cfg, self.tx, mesh)
         p_shard = param_shardings(model_cfg, mesh)
-        self._update = {}
-        self._score = {}
+        self._update = {}  # one jitted update per policy-view length Lp (a static slice)
         self._p_shard = p_shard
+        self._score = jax.jit(functools.partial(estep_score, cfg=model_cfg, G=self.G), in_shardings=(p_shard, None))
         self._seq_lp = jax.jit(functools.partial(sequence_logprobs, cfg=model_cfg))
 
     # -- policy state
@@ -325,15 +325,13 @@ class LatentProposer:
         return self._update[Lp]
 
     def score_fn(self):
-        if "score" not in self._score:
-            self._score["score"] = jax.jit(functools.partial(estep_score, cfg=self.model_cfg, G=self.G), in_shardings=(self._p_shard, None))
-        return self._score["score"]
+        return self._score
 
     def rewards(self, out: dict, n: int) -> np.ndarray:
         """R = LL(z) - LL(C) - c - beta (log q - log p_ref), [n, G] (host, float64; -inf when c = inf)."""
         return np.asarray(out["gain"], np.float64)[:n] - self.c
 
-    def run_round(self, docs, cands, latents_by_doc, key, *, policy_state=None, model_params=None):
+    def run_round(self, cands, latents_by_doc, key, *, policy_state=None, model_params=None):
         """Propose + score (+ update when policy_state is given) + select for one round of candidates.
 
         Mutates ``latents_by_doc`` with accepted latents. Returns (policy_state, stats).
@@ -435,7 +433,7 @@ def evaluate_elbo(proposer: LatentProposer, params, docs: list[Document], *, see
         if r.alpha < 1.0:
             for j, rnd in enumerate(candidate_rounds(docs, idx, r.eval_candidates_per_doc, (seed, 7))):
                 cands = [proposer.candidate(docs, d, t, latents.get(d, {})) for d, t in rnd]
-                proposer.run_round(docs, cands, latents, jax.random.fold_in(key, b0 * 1000 + j), model_params=params)
+                proposer.run_round(cands, latents, jax.random.fold_in(key, b0 * 1000 + j), model_params=params)
     seq_y, masks, seq_x = [], [], []
     for d, doc in enumerate(docs):
         y, m = doc_sequence(doc, latents.get(d, {}), proposer.tokenizer)
@@ -502,11 +500,10 @@ def run_estep(proposer: LatentProposer, model_params, docs: list[Document], k: i
             idx = list(range(b * B, min((b + 1) * B, len(docs))))
             for j, rnd in enumerate(candidate_rounds(docs, idx, r.candidates_per_doc, (cfg.train.seed, k))):
                 cands = [proposer.candidate(docs, d, t, latents.get(d, {})) for d, t in rnd]
-                policy_state, s = proposer.run_round(docs, cands, latents, jax.random.fold_in(key, b * 1000 + j),
+                policy_state, s = proposer.run_round(cands, latents, jax.random.fold_in(key, b * 1000 + j),
                                                      policy_state=policy_state, model_params=model_params)  # fmt: skip
                 if not math.isfinite(s.get("pg_loss", 0.0)):
                     raise TrainingError(f"non-finite E-step policy loss in iteration {k}, batch {b}; lower ra3.estep_lr")
-                s["rounds"] = 1
                 _sum_stats(stats, s)
                 stats.setdefault("batch_gain_means", []).append(s["gain_sum"] / max(s["gain_count"], 1))
             ckpt.save(b + 1, policy_state, {"latents": _jsonable_latents(latents), "stats": stats}, {"iteration": k, "batch": b + 1})
@@ -531,7 +528,7 @@ def _records(docs, latents, tokenizer, k: int, source_step: int) -> list[Bootstr
 def midtrain_ra3(cfg: RunConfig) -> dict:
     """RA3 EM mid-training (or, with ``ra3.baseline``, its compute-matched NTP baseline). Resumable."""
     r = cfg.ra3
-    if cfg.model.init == "random" and not os.environ.get("RA3_ALLOW_RANDOM_INIT"):
+    if cfg.model.init == "random":
         log.warning("midtrain-ra3 from a random model: rationales will be noise (fine for smoke tests)")
     out_dir = os.path.abspath(os.path.expanduser(cfg.train.out_dir))
     os.makedirs(out_dir, exist_ok=True)
@@ -566,10 +563,7 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
     else:
         state = create_state(params, tx, model_cfg, mesh)
     del params
-    if is_main_process():
-        dump_config(cfg, os.path.join(out_dir, "config.yaml"))
-        save_model_config(out_dir, model_cfg)
-        tokenizer.save(out_dir)
+    write_run_metadata(out_dir, cfg, model_cfg, tokenizer)
     writer = MetricsWriter(out_dir, g, cfg.train.wandb_project)
     em_log = os.path.join(out_dir, "ra3_metrics.jsonl")
     k0 = g // r.mstep_steps
@@ -625,9 +619,7 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
                     end = step == (k + 1) * r.mstep_steps
                     if step % cfg.train.log_every == 0 or step % cfg.train.ckpt_every == 0 or end:
                         m = {kk: float(v) for kk, v in jax.device_get(m).items()}
-                        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                            raise TrainingError(f"non-finite M-step loss at step {step} (iteration {k}); last good checkpoint "
-                                                f"{ckpt.latest_step()} in {out_dir}. Lower optim.lr.")  # fmt: skip
+                        raise_if_nonfinite(m, step, ckpt.latest_step(), out_dir, f" (M-step of iteration {k})")
                         m_tokens += m["tokens"]
                         writer.write(step, {**m, "iteration": k})
                         last = m
@@ -701,10 +693,7 @@ def _read_estep_stats(it_dir: str) -> dict:
         s = ck.latest_step()
         if s is None:
             return {}
-        import orbax.checkpoint as ocp
-
-        data = ck._mngr.restore(s, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
-        return dict(data["stats"])
+        return dict(ck.restore_data(s)["stats"])
     finally:
         ck.close()
 

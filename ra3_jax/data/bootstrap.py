@@ -21,6 +21,8 @@ import grain
 import numpy as np
 from flax import serialization
 
+from ra3_jax.data.pipeline import packed_batches
+
 SHARD = "data.array_record"
 COMPLETE = "_COMPLETE"
 
@@ -120,13 +122,6 @@ def make_bootstrap_dataset(directory: str, *, seq_len: int, batch_size: int, see
     src = open_bootstrap(directory)
     if len(src) == 0:
         raise ValueError(f"empty bootstrap corpus in {directory}")
-    ds = grain.MapDataset.source(src)
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map(DecodeForTraining(mask_latents))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
-    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"inputs": seq_len, "targets": seq_len, "weights": seq_len})
-    it = it.batch(batch_size, drop_remainder=num_epochs is None)
-    return it.map(_finalize)
+    return packed_batches(src, DecodeForTraining(mask_latents), ("inputs", "targets", "weights"), _finalize, seq_len=seq_len,
+                          batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index,
+                          shard_count=shard_count)  # fmt: skip

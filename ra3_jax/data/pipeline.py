@@ -42,6 +42,16 @@ def _finalize(batch):
 def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1, num_threads: int = 4) -> grain.IterDataset:  # fmt: skip
     """``batch_size`` is per process. ``num_epochs=None`` repeats forever."""
+    return packed_batches(source, Tokenize(tokenizer), ("inputs", "targets"), _finalize, seq_len=seq_len, batch_size=batch_size,
+                          seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
+                          num_threads=num_threads, keep=_has_tokens)  # fmt: skip
+
+
+def packed_batches(source, transform, features, finalize, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
+                   num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1, num_threads: int = 4,
+                   keep=None) -> grain.IterDataset:  # fmt: skip
+    """The shared tail of every corpus pipeline: shard per process -> shuffle -> repeat -> ``transform`` each
+    record into 1-D ``features`` -> concat-then-split pack to ``seq_len`` -> batch -> ``finalize``."""
     if len(source) == 0:
         raise ValueError("empty data source")
     ds = grain.MapDataset.source(source)
@@ -49,9 +59,10 @@ def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int 
         ds = ds[shard_index::shard_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
-    ds = ds.map(Tokenize(tokenizer)).filter(_has_tokens)
+    ds = ds.repeat(num_epochs).map(transform)
+    if keep is not None:
+        ds = ds.filter(keep)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
-    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"inputs": seq_len, "targets": seq_len})
+    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={f: seq_len for f in features})
     it = it.batch(batch_size, drop_remainder=num_epochs is None)
-    return it.map(_finalize)
+    return it.map(finalize)

@@ -67,6 +67,11 @@ class RunCheckpointer:
             raise CheckpointIOError(f"cannot restore checkpoint step {step} from {self.directory}: {e}") from e
         return out["state"], _detuple(out["data"]), out["meta"]
 
+    def restore_data(self, step: int) -> dict:
+        """Only the JSON ``data`` item of a step (no arrays are read)."""
+        out = self._mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+        return _detuple(out["data"])
+
     def restore_params(self, step: int, abstract_params):
         out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item={"params": abstract_params},

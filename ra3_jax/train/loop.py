@@ -73,6 +73,25 @@ def global_batch(local: dict, mesh) -> dict:
     return out
 
 
+def write_run_metadata(out_dir: str, cfg: RunConfig, model_cfg, tokenizer) -> None:
+    """config.yaml, model_config.json and the tokenizer next to the checkpoints (a run dir loads as a model dir)."""
+    if is_main_process():
+        dump_config(cfg, os.path.join(out_dir, "config.yaml"))
+        save_model_config(out_dir, model_cfg)
+        tokenizer.save(out_dir)
+
+
+def raise_if_nonfinite(m: dict, step: int, last_good: int | None, out_dir: str, where: str = "") -> None:
+    """NaN guard: a clear error naming the last good checkpoint (nothing is saved for this step)."""
+    if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):
+        return
+    raise TrainingError(
+        f"non-finite training signal at step {step}{where} (loss {m['loss']}, grad norm {m['grad_norm']}); nothing was saved for "
+        f"this step. Last good checkpoint: {last_good if last_good is not None else 'none'} in {out_dir}. "
+        "Lower optim.lr, raise optim.warmup_steps, or use model.compute_dtype=float32."
+    )
+
+
 def _pad_batch(b: dict, batch_size: int) -> dict:
     n = b["inputs"].shape[0]
     if n == batch_size:
@@ -184,10 +203,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
         start = 0
         state = create_state(params, tx, model_cfg, mesh)
         del params
-    if is_main_process():
-        dump_config(cfg, os.path.join(out_dir, "config.yaml"))
-        save_model_config(out_dir, model_cfg)
-        tokenizer.save(out_dir)
+    write_run_metadata(out_dir, cfg, model_cfg, tokenizer)
 
     writer = MetricsWriter(out_dir, start, cfg.train.wandb_project)
     token_bytes = tokenizer.token_bytes()
@@ -215,13 +231,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
             must_check = step % cfg.train.log_every == 0 or step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
             if must_check:
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
-                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                    good = ckpt.latest_step()
-                    raise TrainingError(
-                        f"non-finite training signal at step {step} (loss {m['loss']}, grad norm {m['grad_norm']}); nothing was saved for "
-                        f"this step. Last good checkpoint: {good if good is not None else 'none'} in {out_dir}. "
-                        "Lower optim.lr, raise optim.warmup_steps, or use model.compute_dtype=float32."
-                    )
+                raise_if_nonfinite(m, step, ckpt.latest_step(), out_dir)
                 dt = time.perf_counter() - t0
                 tok0 += m["tokens"]
                 m.update(lr=float(lr_at(step - 1)), tokens_per_s=tok0 / max(dt, 1e-9))
