@@ -52,3 +52,11 @@ def smollm2_path():
         return smollm2_gguf_path()
     except CheckpointError as e:
         pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The benchmark releases in ../shared/data (MBPP, HumanEval(+), MBPP+), read in place, never copied."""
+    if not os.path.isdir(SHARED_DATA):
+        pytest.fail(f"benchmark data not found at {SHARED_DATA} (see ../shared/data/README.md)")
+    return SHARED_DATA

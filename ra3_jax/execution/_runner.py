@@ -1,0 +1,207 @@
+"""In-sandbox runner: the first code a sandboxed job executes (stdlib only, no ra3_jax imports).
+
+Started by ``ra3_jax.execution.sandbox`` as ``python -I -B _runner.py JOB_JSON`` in a fresh work directory. It
+reads the job (program, test, limits, verdict token), deletes the job file, and then, when isolation is on:
+
+1. ``unshare`` new mount, network, PID, IPC and UTS namespaces (plus a user namespace when not root);
+2. forks: the child is PID 1 of the new PID namespace, so killing it kills every process the program made;
+3. in the child: mounts a fresh ``/proc`` (the parent's processes are invisible), private tmpfs on ``/tmp``,
+   ``/var/tmp`` and ``/dev/shm``, makes every other mount read-only except the work directory, drops all
+   capabilities and sets ``no_new_privs``;
+4. sets resource limits (address space, CPU, file size, open files, processes, no core dumps);
+5. executes the program in one namespace and the test code in a *second* namespace whose builtins are a copy
+   taken before the program ran (a program that monkey-patches ``builtins`` does not change the checker);
+6. writes ``<token>:ok`` on a private duplicate of stdout only if both ran to the end. The parent counts a
+   pass only when it sees that line and exit status 0, so ``sys.exit(0)``, ``os._exit(0)``, closing stdout,
+   or killing itself all read as failures.
+"""
+
+import builtins
+import ctypes
+import json
+import os
+import platform
+import resource
+import sys
+import traceback
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+SYS_MOUNT_SETATTR = 442  # same number on every architecture (added in Linux 5.12)
+SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(platform.machine())
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG = 24, 38, 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(src, target, fstype, flags, data=None):
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    _check(_libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _set_readonly(path, readonly):
+    attr = _MountAttr(MOUNT_ATTR_RDONLY if readonly else 0, 0 if readonly else MOUNT_ATTR_RDONLY, 0, 0)
+    ret = _libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE, ctypes.byref(attr),
+                        ctypes.sizeof(attr))
+    if ret == 0:
+        return
+    # Kernels before 5.12: remount each mount point read-only, one by one.
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for mp in points:
+        if mp == path or mp.startswith(path.rstrip("/") + "/"):
+            flags = MS_REMOUNT | MS_BIND | (MS_RDONLY if readonly else 0)
+            try:
+                _mount(None, mp, None, flags)
+            except OSError:
+                if mp == path:
+                    raise
+
+
+def _drop_capabilities():
+    for cap in range(64):
+        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # fails harmlessly past the last capability
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    if SYS_CAPSET is None:
+        return
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2 words, all zero
+    _check(_libc.syscall(SYS_CAPSET, header, data), "capset")
+
+
+def _isolate_parent(root):
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    uid, gid = os.getuid(), os.getgid()
+    if not root:
+        flags |= CLONE_NEWUSER
+    _check(_libc.unshare(flags), "unshare")
+    if not root:
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{uid} {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{gid} {gid} 1")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def _isolate_child(workdir, tmpfs_mb):
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount(workdir, workdir, None, MS_BIND | MS_REC)  # its own mount, so it can stay writable
+    _set_readonly("/", True)
+    _set_readonly(workdir, False)
+    os.chdir(workdir)  # onto the writable bind mount (the old cwd is the read-only mount beneath it)
+    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(d):
+            _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_mb}m,mode=1777")
+    _drop_capabilities()
+
+
+def _set_limits(lim):
+    def setl(res, value):
+        soft, hard = resource.getrlimit(res)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(res, (value, value))
+
+    setl(resource.RLIMIT_CORE, 0)
+    setl(resource.RLIMIT_CPU, int(lim["cpu_s"]))
+    setl(resource.RLIMIT_FSIZE, int(lim["fsize_mb"]) << 20)
+    setl(resource.RLIMIT_NOFILE, int(lim["nofile"]))
+    setl(resource.RLIMIT_AS, int(lim["memory_mb"]) << 20)
+    # RLIMIT_NPROC counts every task of this user: allow what exists now plus the job's own budget.
+    with open("/proc/loadavg") as f:
+        tasks_now = int(f.read().split()[3].split("/")[1])
+    setl(resource.RLIMIT_NPROC, tasks_now + int(lim["nproc"]))
+
+
+def _run_job(job, verdict_fd):
+    pristine = dict(builtins.__dict__)
+
+    def restore_builtins():
+        builtins.__dict__.clear()
+        builtins.__dict__.update(pristine)
+
+    program_ns = {"__name__": "__main__", "__builtins__": builtins}
+    status = "ok"
+    try:
+        exec(compile(job["program"], "<program>", "exec"), program_ns)
+        restore_builtins()
+        if job["test"]:
+            test_ns = dict(program_ns)
+            test_ns["__builtins__"] = dict(pristine)
+            exec(compile(job["test"], "<test>", "exec"), test_ns)
+    except SystemExit as e:
+        status = f"exit:{e.code!r}"
+    except BaseException:  # noqa: BLE001 - the verdict is the point
+        status = "exception"
+        restore_builtins()
+        try:
+            traceback.print_exc()
+        except BaseException:  # noqa: BLE001
+            pass
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001
+        pass
+    os.write(verdict_fd, f"\n{job['token']}:{status}\n".encode())
+    return 0 if status == "ok" else 1
+
+
+def main():
+    job_path = sys.argv[1]
+    with open(job_path) as f:
+        job = json.load(f)
+    os.unlink(job_path)
+    workdir = os.getcwd()
+    root = os.getuid() == 0
+    if job.get("cgroup"):  # the parent's per-job pids cgroup: every process we make is counted there
+        try:
+            with open(os.path.join(job["cgroup"], "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as e:
+            sys.stderr.write(f"sandbox setup failed: cannot join {job['cgroup']}: {e}\n")
+            os._exit(98)
+    isolated = False
+    if job["isolate"]:
+        try:
+            _isolate_parent(root)
+            isolated = True
+        except OSError as e:
+            if job["isolate"] == "required":
+                sys.stderr.write(f"sandbox isolation unavailable: {e}\n")
+                os._exit(97)
+    pid = os.fork() if isolated else 0
+    if pid:  # the runner outside: wait for PID 1 of the namespace and relay how it ended
+        _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    try:
+        if isolated:
+            _isolate_child(workdir, job["limits"]["tmpfs_mb"])
+        os.write(1, f"{job['token']}:isolated={int(isolated)}\n".encode())
+        _set_limits(job["limits"])
+    except OSError as e:
+        sys.stderr.write(f"sandbox setup failed: {e}\n")
+        os._exit(98)
+    verdict_fd = os.dup(1)
+    os.set_inheritable(verdict_fd, False)
+    os._exit(_run_job(job, verdict_fd))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""Run untrusted programs (model completions + unit tests) in isolated, resource-limited processes.
+
+Each job is one fresh process (``_runner.py``) in a fresh temporary directory with a scrubbed environment.
+With isolation on (the default where the kernel allows it: root, or unprivileged user namespaces) the job runs
+as PID 1 of its own PID namespace, with no network (an empty network namespace), a read-only filesystem except
+its work directory and private tmpfs ``/tmp``, a fresh ``/proc`` and no capabilities. Limits: wall time (the
+whole process tree is killed), CPU time, address space, file size, open files, processes, output bytes.
+
+Without namespaces (``isolation="none"`` or ``"auto"`` on a kernel that refuses them) the rlimits, the scrubbed
+environment, the fresh directory and the process-group kill still apply, but the network and the filesystem
+are reachable: run such a machine's evaluations inside a container without network.
+
+A verdict needs the runner's secret token line and exit status 0, so early exits never count as passes.
+The threat model is programs written by a model, not programs crafted against this harness: a program that
+inspects the runner's own memory (``gc``, frame objects) can read the token, and an object whose ``__eq__``
+always returns True fools ``==`` based tests, as in every reference harness.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+RUNNER = Path(__file__).with_name("_runner.py")
+_VERSION = "1"  # bump when the runner's semantics change (invalidates on-disk caches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    timeout_s: float = 10.0  # wall clock; the whole process tree is killed past it
+    cpu_s: int | None = None  # CPU seconds (RLIMIT_CPU); default: the wall limit rounded up, plus one
+    memory_mb: int = 2048  # address space (RLIMIT_AS)
+    nproc: int = 16  # processes/threads the job may add
+    fsize_mb: int = 16  # largest file it may write
+    nofile: int = 64
+    tmpfs_mb: int = 64  # size of its private /tmp
+    output_bytes: int = 1 << 20  # stdout + stderr; past it the job is killed
+
+    def resolved(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cpu_s"] = self.cpu_s if self.cpu_s is not None else int(self.timeout_s) + 1
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    program: str  # runs first (solution, imports, setup)
+    test: str = ""  # runs second, in its own namespace with pristine builtins (asserts, check(...))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    passed: bool
+    status: str  # passed | failed | timeout | cpu_limit | memory | output_limit | killed | no_verdict | error
+    detail: str  # one line: the exception, exit code, signal
+    returncode: int | None
+    stdout: str
+    stderr: str
+    wall_s: float
+    isolated: bool
+    cached: bool = False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not run a job (not a verdict on the program)."""
+
+
+def _job_key(job: Job, limits: Limits, isolation: str) -> str:
+    blob = json.dumps([_VERSION, job.program, job.test, limits.resolved(), isolation], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ResultCache:
+    """Results by hash(program, test, limits): in memory, and on disk when ``directory`` is given.
+
+    Timeouts and sandbox errors are not cached (they depend on load)."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self._mem: dict[str, ExecResult] = {}
+        self._lock = threading.Lock()
+        self._dir = Path(directory) if directory else None
+        if self._dir:
+            self._dir.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> ExecResult | None:
+        with self._lock:
+            hit = self._mem.get(key)
+        if hit is None and self._dir and (p := self._dir / key[:2] / f"{key}.json").exists():
+            try:
+                hit = ExecResult(**json.loads(p.read_text()))
+            except (ValueError, TypeError):
+                return None  # a corrupt entry is a miss; it is overwritten on the next put
+            with self._lock:
+                self._mem[key] = hit
+        return dataclasses.replace(hit, cached=True) if hit else None
+
+    def put(self, key: str, result: ExecResult) -> None:
+        if result.status in ("timeout", "error"):
+            return
+        with self._lock:
+            self._mem[key] = result
+        if self._dir:
+            d = self._dir / key[:2]
+            d.mkdir(exist_ok=True)
+            tmp = d / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
+            tmp.write_text(json.dumps(result.to_json()))
+            os.replace(tmp, d / f"{key}.json")
+
+
+def _pids_cgroup_base() -> Path | None:
+    """A writable cgroup directory with the pids controller (v1 mount or v2 unified), or None.
+
+    RLIMIT_NPROC does not bind processes of real uid 0, so as root a per-job pids cgroup is what caps a fork
+    bomb. Without one (and as root) the job's process count is bounded only by time: its PID namespace takes
+    every process down when the job ends."""
+    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+        base = root / "ra3-sandbox"
+        try:
+            if root.name == "cgroup" and "pids" not in (root / "cgroup.controllers").read_text().split():
+                continue
+            base.mkdir(exist_ok=True)
+            if root.name == "cgroup":  # v2: children of base need the controller enabled in base
+                (base / "cgroup.subtree_control").write_text("+pids")
+            probe = base / f"probe-{os.getpid()}-{secrets.token_hex(4)}"
+            probe.mkdir()
+            ok = (probe / "pids.max").exists()
+            probe.rmdir()
+            if ok:
+                for stale in base.glob("job-*"):  # left by killed parents; busy ones stay
+                    try:
+                        stale.rmdir()
+                    except OSError:
+                        pass
+                return base
+        except OSError:
+            continue
+    return None
+
+
+def _remove_cgroup(path: Path) -> None:
+    for _ in range(50):  # processes of a killed namespace take a moment to be reaped
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
+def _scrubbed_env(home: str) -> dict:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
+            "TMPDIR": "/tmp", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class Sandbox:
+    """Runs jobs; ``run_many`` runs them on a pool of ``workers`` concurrent processes.
+
+    isolation: "auto" (namespaces when available, checked once), "required" (error without them), "none".
+    """
+
+    def __init__(self, limits: Limits = Limits(), *, workers: int = 2, isolation: str = "auto",
+                 cache: ResultCache | None = None, base_dir: str | os.PathLike | None = None,
+                 python: str = sys.executable):
+        if isolation not in ("auto", "required", "none"):
+            raise ValueError(f"isolation must be auto|required|none, got {isolation!r}")
+        self.limits, self.workers, self.python = limits, max(1, int(workers)), python
+        self.cache = cache if cache is not None else ResultCache()
+        self.base_dir = Path(base_dir or tempfile.gettempdir())
+        self.isolation = isolation
+        self._cgroup_base = _pids_cgroup_base() if isolation != "none" else None
+        if isolation != "none":
+            probe = self._execute(Job("pass"), Limits(timeout_s=30), isolation)
+            if isolation == "required" and not probe.isolated:
+                raise SandboxError(f"sandbox isolation required but unavailable: {probe.stderr.strip()}")
+            self.isolation = "required" if probe.isolated else "none"
+            if not probe.passed:
+                raise SandboxError(f"sandbox self-test failed ({probe.status}): {probe.detail} {probe.stderr}")
+
+    @property
+    def process_cap(self) -> str:
+        """How the per-job process limit is enforced: "cgroup", "rlimit" (non-root) or "none"."""
+        if self._cgroup_base:
+            return "cgroup"
+        return "rlimit" if os.getuid() != 0 else "none"
+
+    @property
+    def isolated(self) -> bool:
+        return self.isolation == "required"
+
+    def run(self, job: Job | str, test: str = "", limits: Limits | None = None) -> ExecResult:
+        job = Job(job, test) if isinstance(job, str) else job
+        limits = limits or self.limits
+        key = _job_key(job, limits, self.isolation)
+        if (hit := self.cache.get(key)) is not None:
+            return hit
+        result = self._execute(job, limits, self.isolation)
+        self.cache.put(key, result)
+        return result
+
+    def run_many(self, jobs: Sequence[Job], limits: Limits | None = None, progress: str | None = None
+                 ) -> list[ExecResult]:
+        """Runs ``jobs`` concurrently (identical jobs run once); results in input order."""
+        limits = limits or self.limits
+        keys = [_job_key(j, limits, self.isolation) for j in jobs]
+        unique = {k: j for k, j in zip(keys, jobs)}
+        done: dict[str, ExecResult] = {}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(unique), desc=progress, unit="prog", leave=False)
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as ex:
+            futs = {ex.submit(self.run, j, "", limits): k for k, j in unique.items()}
+            for fut in concurrent.futures.as_completed(futs):
+                done[futs[fut]] = fut.result()
+                if bar:
+                    bar.update()
+        if bar:
+            bar.close()
+        return [done[k] for k in keys]
+
+    # -- one process ---------------------------------------------------------------------------------------
+    def _execute(self, job: Job, limits: Limits, isolation: str) -> ExecResult:
+        token = secrets.token_hex(16)
+        workdir = tempfile.mkdtemp(prefix="ra3-sbx-", dir=self.base_dir)
+        t0 = time.monotonic()
+        cgroup = None
+        try:
+            if self._cgroup_base:
+                cgroup = self._cgroup_base / f"job-{token[:16]}"
+                cgroup.mkdir()
+                (cgroup / "pids.max").write_text(str(limits.nproc + 2))  # + the runner and PID 1
+            job_path = os.path.join(workdir, ".job.json")
+            with open(job_path, "w") as f:
+                json.dump({"program": job.program, "test": job.test, "limits": limits.resolved(),
+                           "isolate": isolation if isolation != "none" else False, "token": token,
+                           "cgroup": str(cgroup) if cgroup else None}, f)
+            os.chmod(workdir, 0o700)
+            cmd = [self.python, "-I", "-B", str(RUNNER), job_path]
+            proc = subprocess.Popen(cmd, cwd=workdir, env=_scrubbed_env(workdir), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            out, err, why = self._collect(proc, limits)
+            wall = time.monotonic() - t0
+            return self._verdict(token, proc.returncode, out, err, why, wall, limits)
+        except OSError as e:
+            return ExecResult(False, "error", f"sandbox could not start the job: {e}", None, "", "",
+                              time.monotonic() - t0, False)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+            if cgroup:
+                _remove_cgroup(cgroup)
+
+    @staticmethod
+    def _collect(proc: subprocess.Popen, limits: Limits) -> tuple[bytes, bytes, str | None]:
+        bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+        deadline = time.monotonic() + limits.timeout_s
+        why = None
+        with selectors.DefaultSelector() as sel:
+            for f in bufs:
+                sel.register(f, selectors.EVENT_READ)
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    why = "timeout"
+                    break
+                for key, _ in sel.select(timeout=min(left, 0.5)):
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        continue
+                    bufs[key.fileobj] += chunk
+                if sum(len(b) for b in bufs.values()) > limits.output_bytes:
+                    why = "output_limit"
+                    break
+        if why:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()) if not why else 10)
+        except subprocess.TimeoutExpired:  # stdout closed but the runner lingers past the deadline
+            why = why or "timeout"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if not why:  # nothing of the job may outlive it (non-isolated mode: its process group)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        proc.stdout.close()
+        proc.stderr.close()
+        return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), why
+
+    @staticmethod
+    def _verdict(token, rc, out, err, why, wall, limits) -> ExecResult:
+        text = out.decode("utf-8", "replace")
+        stderr = err.decode("utf-8", "replace")
+        isolated = f"{token}:isolated=1" in text
+        status_line = None
+        lines = []
+        for line in text.splitlines():
+            if line.startswith(token + ":"):
+                tag = line[len(token) + 1:]
+                if not tag.startswith("isolated="):
+                    status_line = tag
+                continue
+            lines.append(line)
+        stdout = "\n".join(lines).strip("\n")
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        if why == "timeout":
+            status, detail = "timeout", f"wall time limit {limits.timeout_s:g}s exceeded"
+        elif why == "output_limit":
+            status, detail = "output_limit", f"output exceeded {limits.output_bytes} bytes"
+        elif rc == 97:
+            status, detail = "error", "isolation required but unavailable"
+        elif rc == 98:
+            status, detail = "error", tail or "sandbox setup failed"
+        elif rc is not None and rc < 0 or (rc or 0) > 128:
+            sig = -rc if rc < 0 else rc - 128
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+            status = "cpu_limit" if sig == signal.SIGXCPU else "killed"
+            detail = f"killed by {name}"
+        elif status_line == "ok" and rc == 0:
+            status, detail = "passed", ""
+        elif status_line is None:
+            status, detail = "no_verdict", f"exited with status {rc} before the tests finished"
+        elif status_line.startswith("exit:"):
+            status, detail = "failed", f"called exit({status_line[5:]}) before the tests finished"
+        else:
+            status, detail = "failed", tail or status_line
+        if status == "failed" and "MemoryError" in tail:
+            status = "memory"
+        return ExecResult(status == "passed", status, detail, rc, stdout[:4096], stderr[-4096:], wall, isolated)
+
+
+def run_programs(programs: Iterable[Job], *, workers: int = 2, limits: Limits = Limits()) -> list[ExecResult]:
+    """One-shot convenience: a fresh sandbox, no on-disk cache."""
+    return Sandbox(limits, workers=workers).run_many(list(programs))
