@@ -17,8 +17,11 @@ def _known_errors():
     from ra3_jax.tokenizer import TokenizerError
     from ra3_jax.train.checkpoint import CheckpointIOError
     from ra3_jax.train.loop import TrainingError
+    from ra3_jax.data.code_benchmarks import BenchmarkError
+    from ra3_jax.execution import SandboxError
+    from ra3_jax.evaluation.report import ReportError
 
-    return (ConfigError, CorpusError, CheckpointError, TokenizerError, TrainingError, CheckpointIOError, FileNotFoundError, ValueError)
+    return (BenchmarkError, SandboxError, ReportError, ConfigError, CorpusError, CheckpointError, TokenizerError, TrainingError, CheckpointIOError, FileNotFoundError, ValueError)
 
 
 def _cfg(args):
@@ -146,6 +149,67 @@ def cmd_sample(args):
             print(json.dumps(row, ensure_ascii=False), flush=True)
 
 
+def cmd_eval(args):
+    from ra3_jax.data.code_benchmarks import load_benchmark
+    from ra3_jax.evaluation.code_eval import DEFAULT_LIMITS, PromptFormat, evaluate_model
+    from ra3_jax.execution import Limits, Sandbox
+
+    cfg = _cfg(args)
+    data_dir = args.data_dir or os.environ.get("RA3_BENCHMARK_DIR") or None
+    tasks = load_benchmark(args.benchmark, args.split, data_dir=data_dir, tfds_dir=cfg.data.tfds_dir)
+    tasks = tasks[: args.limit] if args.limit else tasks
+    fmt = PromptFormat.create(args.benchmark, args.mbpp_style, data_dir=data_dir)
+    base = DEFAULT_LIMITS[args.benchmark]
+    limits = Limits(timeout_s=args.timeout or base.timeout_s, memory_mb=base.memory_mb)
+    sandbox = Sandbox(limits, workers=args.workers)
+    if args.canonical:  # harness self-check: the reference solutions instead of a model
+        def generate(prompts, n):
+            by_prompt = {fmt.prompt(t): t for t in tasks}
+            return [[by_prompt[p]["canonical_solution"]] * n for p in prompts]
+    else:
+        import jax
+
+        from ra3_jax.model.store import load_model
+        from ra3_jax.sampler import Sampler, SamplingParams
+        from ra3_jax.train.loop import check_vocab, make_run_mesh, resolve_tokenizer
+
+        mesh = make_run_mesh(cfg)
+        tokenizer = resolve_tokenizer(cfg)
+        model_cfg, params = load_model(cfg.model, mesh)
+        check_vocab(tokenizer, model_cfg)
+        sampler = Sampler(params, model_cfg, tokenizer)
+        sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        key = [jax.random.key(args.seed)]
+
+        def generate(prompts, n):
+            key[0], sub = jax.random.split(key[0])
+            comps = sampler.complete(prompts, max_new_tokens=args.max_new_tokens, sampling=sp, key=sub, num_samples=n,
+                                     stop_strings=list(fmt.stops))  # fmt: skip
+            return [[c.text for c in comps[i * n: (i + 1) * n]] for i in range(len(prompts))]
+
+    out = args.out or os.path.join(cfg.train.out_dir, "eval", args.benchmark.replace("+", "_plus"))
+    rep = evaluate_model(generate, tasks, fmt, sandbox, n_samples=args.n_samples, temperature=args.temperature,
+                         ks=tuple(args.k), batch_tasks=args.batch_tasks, out_dir=out)  # fmt: skip
+    print(rep.table())
+    print(json.dumps({"out": os.path.abspath(out), "pass_at": rep.pass_at, "status": rep.status_counts,
+                      "sample_s": round(rep.sample_s, 2), "check_s": round(rep.check_s, 2),
+                      "programs_per_s": round(rep.programs_per_s, 2), "sandbox_isolated": sandbox.isolated}, indent=1))
+
+
+def cmd_rlvr(args):
+    from ra3_jax.algorithms.rlvr import rlvr
+
+    cfg = _cfg(args)
+    result = rlvr(cfg)
+    print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+
+
+def cmd_report(args):
+    from ra3_jax.evaluation.report import write_report
+
+    print(write_report(args.runs, args.out, labels=args.label))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ra3", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +242,34 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--batch-size", type=int, default=16)
     sm.add_argument("--seed", type=int, default=0)
     sm.set_defaults(fn=cmd_sample)
+
+    from ra3_jax.data.code_benchmarks import BENCHMARKS
+
+    ev = with_config(sub.add_parser("eval", help="pass@k on HumanEval(+)/MBPP(+): sample, run the tests in the sandbox"))
+    ev.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    ev.add_argument("--split", default="test", help="test (default); MBPP also prompt/validation/train")
+    ev.add_argument("--data-dir", default="", help="benchmark release files (default: $RA3_BENCHMARK_DIR)")
+    ev.add_argument("--n-samples", type=int, default=1)
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ev.add_argument("--top-k", type=int, default=0)
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k values (k <= n-samples)")
+    ev.add_argument("--max-new-tokens", type=int, default=384)
+    ev.add_argument("--mbpp-style", default="docstring", choices=("docstring", "3shot"))
+    ev.add_argument("--limit", type=int, default=0, help="first N tasks only")
+    ev.add_argument("--batch-tasks", type=int, default=8, help="prompts per sampler call (x n-samples rows)")
+    ev.add_argument("--workers", type=int, default=2, help="sandbox processes in parallel")
+    ev.add_argument("--timeout", type=float, default=0, help="seconds per program (default: per benchmark)")
+    ev.add_argument("--canonical", action="store_true", help="check the reference solutions (harness self-test)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default="", help="results folder (default: <train.out_dir>/eval/<benchmark>)")
+    ev.set_defaults(fn=cmd_eval)
+    with_config(sub.add_parser("rlvr", help="GRPO with unit-test rewards from the sandbox")).set_defaults(fn=cmd_rlvr)
+    rp = sub.add_parser("report", help="PNG curves + Markdown table from run directories (metrics.jsonl)")
+    rp.add_argument("runs", nargs="+", help="run directories (train.out_dir of rlvr / training runs)")
+    rp.add_argument("--out", required=True, help="folder for the PNGs and report.md")
+    rp.add_argument("--label", action="append", default=None, help="legend label per run (repeatable, in order)")
+    rp.set_defaults(fn=cmd_report)
 
     c = sub.add_parser("convert", help="GGUF / HF safetensors -> model directory (Orbax params)")
     c.add_argument("--from", dest="source", choices=("gguf", "hf"), required=True)

@@ -147,6 +147,39 @@ class RA3Section:
 
 
 @dataclass
+class RLVRSection:
+    """RLVR: GRPO on code problems with unit-test rewards from the sandbox (docs/RLVR.md).
+
+    The policy's AdamW settings (lr, schedule, warmup, clip_norm, weight_decay) come from the optim section;
+    train.steps is the number of RL steps, train.ckpt_every / eval_every / seed / out_dir apply as usual."""
+
+    benchmark: str = "mbpp"  # training tasks: a benchmark (data/code_benchmarks.py) ...
+    split: str = "train"
+    tasks_file: str = ""  # ... or a JSONL of {task_id, prompt, test[, prefix]} (overrides benchmark)
+    data_dir: str = ""  # benchmark release files (manual_dir); "" = $RA3_BENCHMARK_DIR
+    mbpp_style: str = "docstring"  # docstring | 3shot
+    max_tasks: int = 0  # use only the first N training tasks (0 = all)
+    prompts_per_step: int = 8
+    group_size: int = 8  # G samples per prompt (one shared prefill)
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    advantage: str = "grpo"  # grpo | rloo | drgrpo
+    clip_eps: float = 0.2
+    updates_per_batch: int = 1  # optimizer steps on each rollout batch (> 1: the clipped ratio is active)
+    kl_coef: float = 0.0  # > 0 keeps a frozen reference copy of the start model
+    kl_estimator: str = "k3"  # k1 | k3
+    loss_aggregation: str = "token"  # token | sequence
+    timeout_s: float = 10.0  # per program
+    memory_mb: int = 2048
+    sandbox_workers: int = 2
+    eval_benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "mbpp"])
+    eval_tasks: int = 0  # first N tasks of each eval benchmark's test split (0 = all)
+    eval_max_new_tokens: int = 384
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
@@ -155,6 +188,7 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     ra3: RA3Section = field(default_factory=RA3Section)
+    rlvr: RLVRSection = field(default_factory=RLVRSection)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -283,6 +317,10 @@ _CHOICES = {
     ("ra3", "kl_estimator"): ("k1", "k3"),
     ("ra3", "loss_aggregation"): ("token", "sequence"),
     ("ra3", "mstep_init"): ("model", "policy"),
+    ("rlvr", "advantage"): ("grpo", "rloo", "drgrpo"),
+    ("rlvr", "kl_estimator"): ("k1", "k3"),
+    ("rlvr", "loss_aggregation"): ("token", "sequence"),
+    ("rlvr", "mbpp_style"): ("docstring", "3shot"),
 }
 
 
@@ -308,6 +346,14 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"ra3.{key}={getattr(r, key)} must be >= 1")
     if r.group_size < 2 and r.advantage in ("grpo", "rloo"):
         raise ConfigError(f"ra3.group_size={r.group_size}: group-normalized advantages need at least 2 samples per group")
+    v = cfg.rlvr
+    for key in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_batch", "sandbox_workers", "eval_max_new_tokens"):
+        if getattr(v, key) < 1:
+            raise ConfigError(f"rlvr.{key}={getattr(v, key)} must be >= 1")
+    if v.group_size < 2 and v.advantage in ("grpo", "rloo"):
+        raise ConfigError(f"rlvr.group_size={v.group_size}: group-normalized advantages need at least 2 samples per prompt")
+    if v.timeout_s <= 0:
+        raise ConfigError("rlvr.timeout_s must be > 0")
     if not 0.0 <= cfg.data.validation_fraction < 1.0:
         raise ConfigError("data.validation_fraction must be in [0, 1)")
     return cfg

