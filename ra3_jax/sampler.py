@@ -139,15 +139,17 @@ def _to_left_padded(tokens, lengths):
     return jax.vmap(lambda t, n: jnp.roll(t, P - n))(tokens, lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "num_samples", "eos_ids", "pad_id", "right_padded", "cache_len"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "num_samples", "eos_ids", "pad_id", "right_padded", "cache_len", "valid_vocab"))
 def generate(params, prompt_tokens, prompt_lengths, key, forced_prefix, forced_lengths, stop_dfa, stop_accept,
              tok_bytes, tok_len, *, cfg: LlamaConfig, sampling: SamplingParams, max_new_tokens: int,
              num_samples: int = 1, eos_ids: tuple = (), pad_id: int = 0, right_padded: bool = False,
-             cache_len: int | None = None) -> SampleOutput:  # fmt: skip
+             cache_len: int | None = None, valid_vocab: int | None = None) -> SampleOutput:  # fmt: skip
     """Prefill B prompts once, then decode G = num_samples continuations each, all in one XLA program.
 
     prompt_tokens [B, P] (left-padded unless right_padded), prompt_lengths [B]; forced_prefix [B, F] tokens that
     row b must emit first (forced_lengths [B] of them; used by RA3 to start a rationale with its marker).
+    valid_vocab: ids >= this are never sampled (a model vocabulary padded past the tokenizer's); the logprobs
+    under the model stay full-vocabulary, as the trainer computes them.
     """
     B, P = prompt_tokens.shape
     G, N = num_samples, max_new_tokens
@@ -179,7 +181,10 @@ def generate(params, prompt_tokens, prompt_lengths, key, forced_prefix, forced_l
 
     def body(s: _State):
         key, sub = jax.random.split(s.key)
-        tok, proc = sampling.sample(s.logits, sub)
+        allowed = s.logits
+        if valid_vocab is not None and valid_vocab < s.logits.shape[-1]:
+            allowed = jnp.where(jnp.arange(s.logits.shape[-1]) < valid_vocab, s.logits, -jnp.inf)
+        tok, proc = sampling.sample(allowed, sub)
         F = forced_prefix.shape[1]
         forced_tok = forced_prefix[:, jnp.minimum(s.step, F - 1)] if F else tok
         is_forced = s.step < forced_lengths
@@ -235,6 +240,8 @@ class Sampler:
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         self.eos_ids = tuple(int(i) for i in (eos_ids if eos_ids is not None else [tokenizer.eos_id]))
         self.tok_bytes, self.tok_len = token_byte_table(tokenizer, cfg.vocab_size)
+        # Model rows past the tokenizer's vocabulary (padding) can never be decoded: never sample them.
+        self.valid_vocab = int(tokenizer.vocab_size) if tokenizer.vocab_size < cfg.vocab_size else None
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingParams,
                         key=None, num_samples: int = 1, stop_strings: Sequence[str] = (),
@@ -262,7 +269,8 @@ class Sampler:
         dfa, accept = build_stop_automata(stop_strings)
         key = jax.random.key(0) if key is None else key
         out = generate(self.params, toks, lens, key, ftoks, flens, dfa, accept, self.tok_bytes, self.tok_len, cfg=self.cfg,
-                       sampling=sampling, max_new_tokens=N, num_samples=num_samples, eos_ids=self.eos_ids, pad_id=pad)  # fmt: skip
+                       sampling=sampling, max_new_tokens=N, num_samples=num_samples, eos_ids=self.eos_ids, pad_id=pad,
+                       valid_vocab=self.valid_vocab)  # fmt: skip
         if N != max_new_tokens:  # trim the bucket back to what was asked for
             out = jax.device_get(out)
             over = out.lengths > max_new_tokens

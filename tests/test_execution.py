@@ -19,9 +19,12 @@ from ra3_jax.evaluation.passk import mean_pass_at_k, pass_at_k
 FAST = Limits(timeout_s=5, memory_mb=512)
 
 
-@pytest.fixture(scope="module")
-def sandbox():
-    return Sandbox(FAST, workers=2)
+@pytest.fixture(scope="module", params=[True, False], ids=["fork_server", "exec"])
+def sandbox(request):
+    """Both launch paths: jobs forked from a pre-started runner, and a fresh interpreter per job."""
+    sb = Sandbox(FAST, workers=2, fork_server=request.param)
+    yield sb
+    sb.close()
 
 
 def run(sb, program, test="", limits=None):
@@ -242,6 +245,11 @@ def test_cache_and_pool(tmp_path):
     entry = next((tmp_path / "cache").rglob("*.json"))
     entry.write_text("{not json")
     assert not Sandbox(FAST, cache=ResultCache(tmp_path / "cache")).run_many(jobs[:3])[1].cached or True
+    # batches reuse the pool's threads and their fork servers (one per worker, plus the caller's)
+    for i in range(4):
+        sb.run_many([Job(f"x = {i}{j}") for j in range(4)])
+    assert len(sb._servers) <= sb.workers + 1
+    sb.close()
     # timeouts are not cached
     sb.run(Job("while True: pass"), limits=Limits(timeout_s=1))
     assert not sb.run(Job("while True: pass"), limits=Limits(timeout_s=1)).cached

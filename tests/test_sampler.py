@@ -236,3 +236,29 @@ def test_sample_cli_streams_jsonl(spm_tokenizer, tfds_dir):
     for r in rows:
         assert r["tokens"] == ref[r["index"]].tokens and r["text"] == ref[r["index"]].text
         assert len(r["logprobs"]) == len(r["tokens"]) and r["stop_reason"] in ("length", "eos")
+
+
+def test_padded_model_vocab_never_samples_undecodable_ids(spm_tokenizer):
+    """A model whose vocabulary is padded past the tokenizer's (here 512 + 256 rows, the padding rows made the
+    most likely) samples only ids the tokenizer can decode; logprobs stay the model's full-vocabulary ones."""
+    cfg = LlamaConfig(vocab_size=768, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128,
+                      tie_embeddings=False)
+    p = init_params(cfg, jax.random.key(3))
+    w = np.array(p["lm_head"])  # [D, V]; padding columns = 20x copies of real ones: they dominate every argmax
+    w[:, 512:] = 20.0 * w[:, :256]
+    p["lm_head"] = jnp.asarray(w)
+    s = Sampler(p, cfg, spm_tokenizer, eos_ids=[])
+    assert s.valid_vocab == spm_tokenizer.vocab_size == 512
+    for sp in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.5)):
+        out = s.generate_tokens([[5, 6, 7]] * 4, max_new_tokens=16, sampling=sp, key=jax.random.key(1))
+        assert int(np.max(out.tokens)) < 512
+    comps = s.complete(["def f():"], max_new_tokens=8, sampling=SamplingParams(temperature=1.0), key=jax.random.key(2))
+    assert isinstance(comps[0].text, str)
+    # unmasked, this model would pick padding ids: the test is not vacuous
+    raw = generate_unmasked_argmax(p, cfg)
+    assert raw >= 512
+
+
+def generate_unmasked_argmax(p, cfg):
+    logits, _ = forward(p, np.array([[5, 6, 7]], np.int32), np.arange(3)[None], cfg)
+    return int(jnp.argmax(logits[0, -1]))

@@ -1,6 +1,7 @@
 """Run untrusted programs (model completions + unit tests) in isolated, resource-limited processes.
 
-Each job is one fresh process (``_runner.py``) in a fresh temporary directory with a scrubbed environment.
+Each job is its own process in a fresh temporary directory with a scrubbed environment: forked from a
+pre-started runner (``_runner.py --serve``, one per worker thread; the default) or a fresh interpreter.
 With isolation on (the default where the kernel allows it: root, or unprivileged user namespaces) the job runs
 as PID 1 of its own PID namespace, with no network (an empty network namespace), a read-only filesystem except
 its work directory and private tmpfs ``/tmp``, a fresh ``/proc`` and no capabilities. Limits: wall time (the
@@ -27,11 +28,14 @@ import secrets
 import selectors
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -165,6 +169,92 @@ def _remove_cgroup(path: Path) -> None:
             time.sleep(0.05)
 
 
+class _ForkServer:
+    """A pre-started ``_runner.py --serve`` process; jobs are forked from it (see ``_runner.serve``)."""
+
+    def __init__(self, python: str, preload: tuple, cwd: str):
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen(
+                [python, "-I", "-B", str(RUNNER), "--serve", str(child.fileno()), *preload], pass_fds=(child.fileno(),),
+                cwd=cwd, env=_scrubbed_env(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        finally:
+            child.close()
+        self.sock = parent
+        weakref.finalize(self, _ForkServer._stop, self.sock, self.proc)
+
+    def recv_int(self, timeout: float) -> int:
+        self.sock.settimeout(max(timeout, 1e-3))
+        try:
+            buf = b""
+            while len(buf) < 8:
+                chunk = self.sock.recv(8 - len(buf))
+                if not chunk:
+                    raise EOFError("the fork server closed its socket")
+                buf += chunk
+        except socket.timeout:
+            raise TimeoutError from None
+        finally:
+            self.sock.settimeout(None)
+        return struct.unpack("<q", buf)[0]
+
+    @staticmethod
+    def _stop(sock, proc):
+        sock.close()
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def close(self):
+        _ForkServer._stop(self.sock, self.proc)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _collect(out_fd: int, err_fd: int, pid: int, wait, limits: Limits):
+    """Reads the job's stdout/stderr until both close, the wall deadline, or the output cap; kills the job's
+    process group when needed. -> (stdout, stderr, why or None, exit status)."""
+    bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    deadline = time.monotonic() + limits.timeout_s
+    why = None
+    with selectors.DefaultSelector() as sel:
+        for fd in bufs:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = "timeout"
+                break
+            for key, _ in sel.select(timeout=min(left, 0.5)):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                bufs[key.fd] += chunk
+            if sum(len(b) for b in bufs.values()) > limits.output_bytes:
+                why = "output_limit"
+                break
+    if why:
+        _kill_group(pid)
+    try:
+        rc = wait(max(1.0, deadline - time.monotonic()) if not why else 10)
+    except TimeoutError:  # stdout closed but the job lingers past the deadline
+        why = why or "timeout"
+        _kill_group(pid)
+        rc = wait(10)
+    if not why:  # nothing of the job may outlive it (non-isolated mode: its process group)
+        _kill_group(pid)
+    return bytes(bufs[out_fd]), bytes(bufs[err_fd]), why, rc
+
+
 def _scrubbed_env(home: str) -> dict:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
             "TMPDIR": "/tmp", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -174,17 +264,24 @@ class Sandbox:
     """Runs jobs; ``run_many`` runs them on a pool of ``workers`` concurrent processes.
 
     isolation: "auto" (namespaces when available, checked once), "required" (error without them), "none".
+    fork_server: jobs fork from a pre-started runner per worker thread (``preload`` modules already imported)
+    instead of starting an interpreter each; the isolation and limits are the same either way.
     """
 
     def __init__(self, limits: Limits = Limits(), *, workers: int = 2, isolation: str = "auto",
                  cache: ResultCache | None = None, base_dir: str | os.PathLike | None = None,
-                 python: str = sys.executable):
+                 python: str = sys.executable, fork_server: bool = True, preload: Sequence[str] = ("numpy",)):
         if isolation not in ("auto", "required", "none"):
             raise ValueError(f"isolation must be auto|required|none, got {isolation!r}")
         self.limits, self.workers, self.python = limits, max(1, int(workers)), python
         self.cache = cache if cache is not None else ResultCache()
         self.base_dir = Path(base_dir or tempfile.gettempdir())
         self.isolation = isolation
+        self.fork_server, self.preload = bool(fork_server), tuple(preload)
+        self._local = threading.local()
+        self._servers: list[_ForkServer] = []
+        self._servers_lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._cgroup_base = _pids_cgroup_base() if isolation != "none" else None
         if isolation != "none":
             probe = self._execute(Job("pass"), Limits(timeout_s=30), isolation)
@@ -226,12 +323,12 @@ class Sandbox:
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(unique), desc=progress, unit="prog", leave=False)
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as ex:
-            futs = {ex.submit(self.run, j, "", limits): k for k, j in unique.items()}
-            for fut in concurrent.futures.as_completed(futs):
-                done[futs[fut]] = fut.result()
-                if bar:
-                    bar.update()
+        ex = self._executor()
+        futs = {ex.submit(self.run, j, "", limits): k for k, j in unique.items()}
+        for fut in concurrent.futures.as_completed(futs):
+            done[futs[fut]] = fut.result()
+            if bar:
+                bar.update()
         if bar:
             bar.close()
         return [done[k] for k in keys]
@@ -247,18 +344,15 @@ class Sandbox:
                 cgroup = self._cgroup_base / f"job-{token[:16]}"
                 cgroup.mkdir()
                 (cgroup / "pids.max").write_text(str(limits.nproc + 2))  # + the runner and PID 1
-            job_path = os.path.join(workdir, ".job.json")
-            with open(job_path, "w") as f:
-                json.dump({"program": job.program, "test": job.test, "limits": limits.resolved(),
-                           "isolate": isolation if isolation != "none" else False, "token": token,
-                           "cgroup": str(cgroup) if cgroup else None}, f)
             os.chmod(workdir, 0o700)
-            cmd = [self.python, "-I", "-B", str(RUNNER), job_path]
-            proc = subprocess.Popen(cmd, cwd=workdir, env=_scrubbed_env(workdir), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-            out, err, why = self._collect(proc, limits)
-            wall = time.monotonic() - t0
-            return self._verdict(token, proc.returncode, out, err, why, wall, limits)
+            spec = {"program": job.program, "test": job.test, "limits": limits.resolved(), "workdir": workdir,
+                    "isolate": isolation if isolation != "none" else False, "token": token,
+                    "cgroup": str(cgroup) if cgroup else None}
+            if self.fork_server:
+                rc, out, err, why = self._via_server(spec, limits)
+            else:
+                rc, out, err, why = self._via_exec(spec, limits, workdir)
+            return self._verdict(token, rc, out, err, why, time.monotonic() - t0, limits)
         except OSError as e:
             return ExecResult(False, "error", f"sandbox could not start the job: {e}", None, "", "",
                               time.monotonic() - t0, False)
@@ -267,47 +361,82 @@ class Sandbox:
             if cgroup:
                 _remove_cgroup(cgroup)
 
-    @staticmethod
-    def _collect(proc: subprocess.Popen, limits: Limits) -> tuple[bytes, bytes, str | None]:
-        bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
-        deadline = time.monotonic() + limits.timeout_s
-        why = None
-        with selectors.DefaultSelector() as sel:
-            for f in bufs:
-                sel.register(f, selectors.EVENT_READ)
-            while sel.get_map():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    why = "timeout"
-                    break
-                for key, _ in sel.select(timeout=min(left, 0.5)):
-                    chunk = os.read(key.fd, 65536)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        continue
-                    bufs[key.fileobj] += chunk
-                if sum(len(b) for b in bufs.values()) > limits.output_bytes:
-                    why = "output_limit"
-                    break
-        if why:
+    def _via_exec(self, spec: dict, limits: Limits, workdir: str):
+        """A fresh interpreter for the job (fork_server=False)."""
+        job_path = os.path.join(workdir, ".job.json")
+        with open(job_path, "w") as f:
+            json.dump(spec, f)
+        proc = subprocess.Popen([self.python, "-I", "-B", str(RUNNER), job_path], cwd=workdir,
+                                env=_scrubbed_env(workdir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+
+        def wait(timeout):
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                return proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError from None
+
         try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()) if not why else 10)
-        except subprocess.TimeoutExpired:  # stdout closed but the runner lingers past the deadline
-            why = why or "timeout"
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if not why:  # nothing of the job may outlive it (non-isolated mode: its process group)
+            out, err, why, rc = _collect(proc.stdout.fileno(), proc.stderr.fileno(), proc.pid, wait, limits)
+        finally:
+            proc.stdout.close()
+            proc.stderr.close()
+        return rc, out, err, why
+
+    def _via_server(self, spec: dict, limits: Limits):
+        """The job forked from this worker thread's pre-started runner (one round trip, no interpreter start)."""
+        server = self._server()
+        payload = json.dumps(spec).encode()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        proc.stdout.close()
-        proc.stderr.close()
-        return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), why
+                socket.send_fds(server.sock, [struct.pack("<Q", len(payload))], [out_w, err_w])
+                server.sock.sendall(payload)
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            pid = server.recv_int(timeout=30)
+
+            def wait(timeout):
+                return server.recv_int(timeout=timeout)
+
+            out, err, why, rc = _collect(out_r, err_r, pid, wait, limits)
+            return rc, out, err, why
+        except (OSError, EOFError) as e:
+            server.close()  # a broken server is replaced on the next job
+            self._local.server = None
+            raise OSError(f"fork server failed: {e}") from None
+        finally:
+            os.close(out_r)
+            os.close(err_r)
+
+    def _server(self) -> "_ForkServer":
+        server = getattr(self._local, "server", None)
+        if server is None or server.proc.poll() is not None:
+            server = _ForkServer(self.python, self.preload, str(self.base_dir))
+            self._local.server = server
+            with self._servers_lock:
+                self._servers.append(server)
+        return server
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        # One long-lived pool: its threads keep their fork servers from batch to batch.
+        with self._servers_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="sandbox")
+            return self._pool
+
+    def close(self) -> None:
+        """Stops the worker threads and the fork servers (both also stop when this process exits)."""
+        with self._servers_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+        with self._servers_lock:
+            for s in self._servers:
+                s.close()
+            self._servers.clear()
 
     @staticmethod
     def _verdict(token, rc, out, err, why, wall, limits) -> ExecResult:
