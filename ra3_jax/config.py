@@ -168,6 +168,7 @@ class RLVRSection:
     advantage: str = "grpo"  # grpo | rloo | drgrpo
     clip_eps: float = 0.2
     updates_per_batch: int = 1  # optimizer steps on each rollout batch (> 1: the clipped ratio is active)
+    micro_batch: int = 0  # rows per gradient micro-batch in the update (0 = all prompts_per_step x group_size)
     kl_coef: float = 0.0  # > 0 keeps a frozen reference copy of the start model
     kl_estimator: str = "k3"  # k1 | k3
     loss_aggregation: str = "token"  # token | sequence
@@ -350,6 +351,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_batch", "sandbox_workers", "eval_max_new_tokens"):
         if getattr(v, key) < 1:
             raise ConfigError(f"rlvr.{key}={getattr(v, key)} must be >= 1")
+    if v.micro_batch < 0:
+        raise ConfigError("rlvr.micro_batch must be >= 0 (0 = the whole step at once)")
     if v.group_size < 2 and v.advantage in ("grpo", "rloo"):
         raise ConfigError(f"rlvr.group_size={v.group_size}: group-normalized advantages need at least 2 samples per prompt")
     if v.timeout_s <= 0:

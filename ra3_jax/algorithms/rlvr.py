@@ -47,32 +47,56 @@ ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "resp_mask", "old_l
 
 # ------------------------------------------------------------------------------------------- device step
 def grpo_update(state: TrainState, ref_params, batch, *, cfg: LlamaConfig, tx, G: int, clip_eps: float,
-                advantage: str, kl_coef: float, kl_estimator: str, aggregation: str, on_policy: bool):
-    """One policy step on a rollout batch. Rows are group-major: row n*G + g is sample g of prompt n."""
-    mask = batch["resp_mask"]
-    adv = group_advantages(batch["rewards"], G, advantage)
+                advantage: str, kl_coef: float, kl_estimator: str, aggregation: str, on_policy: bool,
+                micro_batch: int = 0):
+    """One policy step on a rollout batch. Rows are group-major: row n*G + g is sample g of prompt n.
 
-    def loss_fn(params):
-        logits, _ = forward(params, batch["inputs"], batch["positions"], cfg, segment_ids=batch["segment_ids"])
+    With ``micro_batch`` = m > 0 the rows are processed m at a time in a ``lax.scan`` that accumulates the
+    gradient (the [rows, T, vocab] log-softmax is what runs out of memory first); every term is normalized by
+    the whole batch's token / row count, so the step equals the one-shot step up to float rounding."""
+    N = batch["resp_mask"].shape[0]
+    mb = micro_batch or N
+    if N % mb:
+        raise ValueError(f"micro_batch={mb} must divide the {N} rows of a step")
+    denom = jnp.maximum(batch["resp_mask"].sum(), 1.0)
+    rows = {k: v for k, v in batch.items() if k != "rewards"}
+    rows["adv"] = group_advantages(batch["rewards"], G, advantage)
+
+    def part(params, b):
+        mask = b["resp_mask"]
+        logits, _ = forward(params, b["inputs"], b["positions"], cfg, segment_ids=b["segment_ids"])
         logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        lp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
-        old = jax.lax.stop_gradient(lp) if on_policy else batch["old_logp"]
-        loss = policy_gradient_loss(lp, old, adv, mask, clip_eps=clip_eps, aggregation=aggregation)
-        denom = jnp.maximum(mask.sum(), 1.0)
+        lp = jnp.take_along_axis(logp_all, b["targets"][..., None], axis=-1)[..., 0]
+        old = jax.lax.stop_gradient(lp) if on_policy else b["old_logp"]
+        pg = policy_gradient_loss(lp, old, b["adv"], mask, clip_eps=clip_eps, aggregation=aggregation)
+        pg = pg * (jnp.maximum(mask.sum(), 1.0) / denom if aggregation == "token" else mask.shape[0] / N)
         ent = jax.lax.stop_gradient(-(jnp.exp(logp_all) * logp_all).sum(-1))
-        ratio = jnp.exp(lp - old)
-        clipped = ((jnp.abs(ratio - 1.0) > clip_eps) * mask).sum() / denom
-        kl = jnp.zeros(())
+        clipped = (jnp.abs(jnp.exp(lp - old) - 1.0) > clip_eps) * mask
+        kl_sum = jnp.zeros(())
         if ref_params is not None:
-            ref_lp = jax.lax.stop_gradient(token_logprobs(ref_params, batch, cfg))
-            kl = (kl_estimate(lp, ref_lp, kl_estimator) * mask).sum() / denom
-            loss = loss + kl_coef * kl
-        return loss, {"entropy": (ent * mask).sum() / denom, "kl": kl, "clip_frac": clipped}
+            ref_lp = jax.lax.stop_gradient(token_logprobs(ref_params, b, cfg))
+            kl_sum = (kl_estimate(lp, ref_lp, kl_estimator) * mask).sum()
+        loss = pg + kl_coef * kl_sum / denom
+        return loss, jnp.stack([(ent * mask).sum(), clipped.sum(), kl_sum])
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(part, has_aux=True)
+    if mb == N:
+        (loss, sums), grads = grad_fn(state.params, rows)
+    else:
+        chunks = jax.tree.map(lambda x: x.reshape(N // mb, mb, *x.shape[1:]), rows)
+
+        def body(carry, b):
+            loss_acc, sums_acc, g_acc = carry
+            (loss, sums), g = grad_fn(state.params, b)
+            return (loss_acc + loss, sums_acc + sums, jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (loss, sums, grads), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(3), zeros), chunks)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "entropy": sums[0] / denom,
+               "clip_frac": sums[1] / denom, "kl": sums[2] / denom}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -145,6 +169,10 @@ class RLVRTrainer:
         os.makedirs(self.out_dir, exist_ok=True)
         self.mesh = make_run_mesh(cfg)
         self.dp = sharding.data_parallel_size(self.mesh)
+        rows = self.v.prompts_per_step * self.v.group_size
+        if self.v.micro_batch and (rows % self.v.micro_batch or self.v.micro_batch % self.dp):
+            raise TrainingError(f"rlvr.micro_batch={self.v.micro_batch} must divide the {rows} rows of a step and be "
+                                f"divisible by the data-parallel size {self.dp}")
         if (self.v.prompts_per_step * self.v.group_size) % self.dp:
             raise TrainingError(f"rlvr.prompts_per_step x group_size = {self.v.prompts_per_step * self.v.group_size} rows "
                                 f"must be divisible by the data-parallel size {self.dp}")
@@ -176,7 +204,8 @@ class RLVRTrainer:
         on_policy = self.v.updates_per_batch == 1
         upd = functools.partial(grpo_update, cfg=self.model_cfg, tx=self.tx, G=self.v.group_size, clip_eps=self.v.clip_eps,
                                 advantage=self.v.advantage, kl_coef=self.v.kl_coef, kl_estimator=self.v.kl_estimator,
-                                aggregation=self.v.loss_aggregation, on_policy=on_policy)  # fmt: skip
+                                aggregation=self.v.loss_aggregation, on_policy=on_policy,
+                                micro_batch=self.v.micro_batch)  # fmt: skip
         self._update = jax.jit(upd, in_shardings=(self.st_shard, p_shard if self.ref_params is not None else None, b_shard),
                                out_shardings=(self.st_shard, sharding.replicated(self.mesh)), donate_argnums=(0,))  # fmt: skip
         self._old_logp = jax.jit(functools.partial(token_logprobs, cfg=self.model_cfg), in_shardings=(p_shard, None))
