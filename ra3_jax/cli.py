@@ -121,22 +121,29 @@ def _read_prompts(src: str) -> list[str]:
     return prompts
 
 
+def _load_sampler(cfg):
+    """The config's model and tokenizer behind a Sampler (vocabulary checked)."""
+    from ra3_jax.model.store import load_model
+    from ra3_jax.sampler import Sampler
+    from ra3_jax.train.loop import check_vocab, make_run_mesh, resolve_tokenizer
+
+    mesh = make_run_mesh(cfg)
+    tokenizer = resolve_tokenizer(cfg)
+    model_cfg, params = load_model(cfg.model, mesh)
+    check_vocab(tokenizer, model_cfg)
+    return Sampler(params, model_cfg, tokenizer)
+
+
 def cmd_sample(args):
     import dataclasses
 
     import jax
 
-    from ra3_jax.model.store import load_model
-    from ra3_jax.sampler import Sampler, SamplingParams
-    from ra3_jax.train.loop import check_vocab, make_run_mesh, resolve_tokenizer
+    from ra3_jax.sampler import SamplingParams
 
     cfg = _cfg(args)
     prompts = _read_prompts(args.prompts)
-    mesh = make_run_mesh(cfg)
-    tokenizer = resolve_tokenizer(cfg)
-    model_cfg, params = load_model(cfg.model, mesh)
-    check_vocab(tokenizer, model_cfg)
-    sampler = Sampler(params, model_cfg, tokenizer)
+    sampler = _load_sampler(cfg)
     sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     key = jax.random.key(args.seed)
     for lo in range(0, len(prompts), args.batch_size):
@@ -169,23 +176,11 @@ def cmd_eval(args):
     else:
         import jax
 
-        from ra3_jax.model.store import load_model
-        from ra3_jax.sampler import Sampler, SamplingParams
-        from ra3_jax.train.loop import check_vocab, make_run_mesh, resolve_tokenizer
+        from ra3_jax.evaluation.code_eval import sampler_generate
+        from ra3_jax.sampler import SamplingParams
 
-        mesh = make_run_mesh(cfg)
-        tokenizer = resolve_tokenizer(cfg)
-        model_cfg, params = load_model(cfg.model, mesh)
-        check_vocab(tokenizer, model_cfg)
-        sampler = Sampler(params, model_cfg, tokenizer)
         sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        key = [jax.random.key(args.seed)]
-
-        def generate(prompts, n):
-            key[0], sub = jax.random.split(key[0])
-            comps = sampler.complete(prompts, max_new_tokens=args.max_new_tokens, sampling=sp, key=sub, num_samples=n,
-                                     stop_strings=list(fmt.stops))  # fmt: skip
-            return [[c.text for c in comps[i * n: (i + 1) * n]] for i in range(len(prompts))]
+        generate = sampler_generate(_load_sampler(cfg), sp, args.max_new_tokens, fmt.stops, jax.random.key(args.seed))
 
     out = args.out or os.path.join(cfg.train.out_dir, "eval", args.benchmark.replace("+", "_plus"))
     rep = evaluate_model(generate, tasks, fmt, sandbox, n_samples=args.n_samples, temperature=args.temperature,

@@ -115,12 +115,12 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
         for i in range(4):
             f.write(json.dumps({"task_id": f"const/{i}", "prompt": "def f():\n", "test": f"assert f() == {K}\n"}) + "\n")
 
-    def rl_cfg(out, steps):
+    def rl_cfg(out, steps, extra=()):
         return load_config(None, common + [
             "model.init=orbax", f"model.path={tmp_path / 'pre'}", f"rlvr.tasks_file={tasks}", "rlvr.prompts_per_step=4",
             "rlvr.group_size=8", "rlvr.max_new_tokens=8", "rlvr.eval_benchmarks=[]", "rlvr.timeout_s=5",
             "optim.lr=1e-3", "optim.schedule=constant", "optim.warmup_steps=1", "optim.weight_decay=0",
-            f"train.steps={steps}", "train.ckpt_every=4", "train.eval_every=0", f"train.out_dir={out}"])  # fmt: skip
+            f"train.steps={steps}", "train.ckpt_every=4", "train.eval_every=0", f"train.out_dir={out}", *extra])  # fmt: skip
 
     RLVRTrainer(rl_cfg(tmp_path / "rl", 16)).run()
     rows = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
@@ -136,8 +136,14 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
     ra = RLVRTrainer(rl_cfg(tmp_path / "a", 8))
     assert ra.start == 4 and ra.cursor == 16
     ra.run()
-    rb = RLVRTrainer(rl_cfg(tmp_path / "b", 8))
+    # the uninterrupted run also evaluates greedy pass@1 on 2 HumanEval tasks at steps 0, 4 and 8
+    rb = RLVRTrainer(rl_cfg(tmp_path / "b", 8, [f"rlvr.data_dir={shared_data}", "rlvr.eval_benchmarks=[humaneval]",
+                                                "rlvr.eval_tasks=2", "rlvr.eval_max_new_tokens=8", "train.eval_every=4"]))
     rb.run()
+    evals = [(r["step"], r["eval/humaneval/pass@1"]) for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl"))
+             if "eval/humaneval/pass@1" in r]
+    assert [s for s, _ in evals] == [0, 4, 8] and all(v == 0.0 for _, v in evals)  # a digit model solves nothing
+    assert (tmp_path / "b" / "eval" / "step_8" / "humaneval" / "results.jsonl").exists()
     for x, y in zip(jax.tree.leaves(ra.state.params), jax.tree.leaves(rb.state.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

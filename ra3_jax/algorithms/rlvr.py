@@ -27,7 +27,7 @@ from ra3_jax import sharding
 from ra3_jax.config import RunConfig
 from ra3_jax.data.code_benchmarks import load_benchmark
 from ra3_jax.evaluation.code_eval import (HUMANEVAL_STOPS, PromptFormat, TaskFormat, cut_at_stops,
-                                          evaluate_model)
+                                          evaluate_model, sampler_generate)
 from ra3_jax.execution import Job, Limits, Sandbox
 from ra3_jax.model.llama import LlamaConfig, forward
 from ra3_jax.model.params import param_shardings
@@ -261,12 +261,7 @@ class RLVRTrainer:
             tasks = load_benchmark(name, "test", data_dir=data_dir, tfds_dir=self.cfg.data.tfds_dir)
             tasks = tasks[: self.v.eval_tasks] if self.v.eval_tasks else tasks
             fmt = PromptFormat.create(name, self.v.mbpp_style, data_dir=data_dir)
-
-            def generate(prompts, n):
-                comps = self.sampler.complete(prompts, max_new_tokens=self.v.eval_max_new_tokens, sampling=greedy,
-                                              num_samples=n, stop_strings=list(fmt.stops))  # fmt: skip
-                return [[c.text for c in comps[i * n: (i + 1) * n]] for i in range(len(prompts))]
-
+            generate = sampler_generate(self.sampler, greedy, self.v.eval_max_new_tokens, fmt.stops)
             rep = evaluate_model(generate, tasks, fmt, self.sandbox, n_samples=1, temperature=0.0, ks=(1,),
                                  batch_tasks=self.v.prompts_per_step,
                                  out_dir=os.path.join(self.out_dir, "eval", f"step_{step}", name.replace("+", "_plus")),

@@ -144,6 +144,22 @@ def summarize(rows: list[dict], benchmark: str, n_samples: int, temperature: flo
                       len(rows) / check_s if check_s else 0.0)
 
 
+def sampler_generate(sampler, sampling, max_new_tokens: int, stops: Sequence[str], key=None):
+    """``generate(prompts, n)`` for :func:`evaluate_model` backed by the in-graph sampler (G = n samples share
+    one prefill); a fresh key per call."""
+    import jax
+
+    state = {"key": key if key is not None else jax.random.key(0)}
+
+    def generate(prompts, n):
+        state["key"], sub = jax.random.split(state["key"])
+        comps = sampler.complete(prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=sub, num_samples=n,
+                                 stop_strings=list(stops))  # fmt: skip
+        return [[c.text for c in comps[i * n: (i + 1) * n]] for i in range(len(prompts))]
+
+    return generate
+
+
 def evaluate_model(generate: Callable[[list[str], int], list[list[str]]], tasks: list[dict], fmt: PromptFormat,
                    sandbox: Sandbox, *, n_samples: int, temperature: float, ks: Sequence[int] = (1, 10, 100),
                    batch_tasks: int = 8, out_dir: str | None = None, limits: Limits | None = None,
