@@ -105,8 +105,11 @@ def _isolate_child(workdir, tmpfs_mb):
     _set_readonly("/", True)
     _set_readonly(workdir, False)
     os.chdir(workdir)  # onto the writable bind mount (the old cwd is the read-only mount beneath it)
+    # Private tmpfs over the shared scratch dirs, unless this interpreter lives there (a venv under /tmp):
+    # hiding it would break every later import; that dir then just stays read-only.
+    needed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path) if os.path.isabs(p)}
     for d in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(d):
+        if os.path.isdir(d) and not any(n == d or n.startswith(d + "/") for n in needed):
             _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_mb}m,mode=1777")
     _drop_capabilities()
 
