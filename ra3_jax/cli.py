@@ -199,6 +199,14 @@ def cmd_rlvr(args):
     print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
 
 
+def cmd_rlpt(args):
+    from ra3_jax.algorithms.rlpt import rlpt
+
+    cfg = _cfg(args)
+    result = rlpt(cfg)
+    print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+
+
 def cmd_report(args):
     from ra3_jax.evaluation.report import write_report
 
@@ -260,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="", help="results folder (default: <train.out_dir>/eval/<benchmark>)")
     ev.set_defaults(fn=cmd_eval)
     with_config(sub.add_parser("rlvr", help="GRPO with unit-test rewards from the sandbox")).set_defaults(fn=cmd_rlvr)
+    with_config(sub.add_parser("rlpt", help="RL on pre-training data: next-segment prediction (ASR/MSR) with GRPO")).set_defaults(fn=cmd_rlpt)
     rp = sub.add_parser("report", help="PNG curves + Markdown table from run directories (metrics.jsonl)")
     rp.add_argument("runs", nargs="+", help="run directories (train.out_dir of rlvr / training runs)")
     rp.add_argument("--out", required=True, help="folder for the PNGs and report.md")

@@ -181,6 +181,47 @@ class RLVRSection:
 
 
 @dataclass
+class RLPTSection:
+    """RLPT: GRPO on next-segment prediction over the pre-training corpus (data section), docs/RLPT.md.
+
+    Paper settings are the defaults: 8 samples per prompt, temperature 1.0, no KL, constant lr (optim)."""
+
+    segmenter: str = "auto"  # auto (code for .py files, text otherwise) | text | code | line
+    min_segment_chars: int = 8  # shorter segments are never targets
+    max_context_chars: int = 2000
+    max_documents: int = 2000  # documents read from the corpus for triples (0 = all)
+    msr_fraction: float = 0.5  # share of prompts that are MSR (the following segment is given)
+    msr_weight: float = 1.0  # lambda in J = E_ASR[r] + lambda E_MSR[r] (scales MSR advantages)
+    asr_template: str = "{context}<|startofprediction|>"
+    msr_template: str = "[The text continues after the missing segment with: {next}]\n{context}<|startofprediction|>"
+    judge: str = "prefix"  # prefix (normalized prefix match) | model (generative judge through our sampler)
+    judge_model: str = ""  # judge=model: a model path (GGUF / Orbax dir / HF dir)
+    judge_init: str = "orbax"  # gguf | hf | orbax
+    judge_template: str = ("Reference: {reference}\nPrediction: {prediction}\n"
+                           "Does the prediction say the same as the start of the reference? Answer yes or no.\nAnswer:")
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    advantage: str = "grpo"
+    clip_eps: float = 0.2
+    updates_per_batch: int = 1
+    kl_coef: float = 0.0  # the paper trains without KL
+    kl_estimator: str = "k3"
+    loss_aggregation: str = "token"
+    micro_batch: int = 0
+    sft_steps: int = 0  # optional cold-start SFT on (prompt -> target + end tag) before RL
+    sft_lr: float = 1.0e-4
+    sft_batch: int = 16
+    eval_triples: int = 64  # held-out next-segment accuracy (greedy ASR) on this many validation triples
+    eval_benchmarks: list[str] = field(default_factory=list)  # optional code pass@1 (needs data_dir)
+    data_dir: str = ""
+    eval_max_new_tokens: int = 64
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
@@ -190,6 +231,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     ra3: RA3Section = field(default_factory=RA3Section)
     rlvr: RLVRSection = field(default_factory=RLVRSection)
+    rlpt: RLPTSection = field(default_factory=RLPTSection)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -322,6 +364,12 @@ _CHOICES = {
     ("rlvr", "kl_estimator"): ("k1", "k3"),
     ("rlvr", "loss_aggregation"): ("token", "sequence"),
     ("rlvr", "mbpp_style"): ("docstring", "3shot"),
+    ("rlpt", "segmenter"): ("auto", "text", "code", "line"),
+    ("rlpt", "judge"): ("prefix", "model"),
+    ("rlpt", "judge_init"): ("gguf", "hf", "orbax"),
+    ("rlpt", "advantage"): ("grpo", "rloo", "drgrpo"),
+    ("rlpt", "kl_estimator"): ("k1", "k3"),
+    ("rlpt", "loss_aggregation"): ("token", "sequence"),
 }
 
 
@@ -357,6 +405,20 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"rlvr.group_size={v.group_size}: group-normalized advantages need at least 2 samples per prompt")
     if v.timeout_s <= 0:
         raise ConfigError("rlvr.timeout_s must be > 0")
+    t = cfg.rlpt
+    for key in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_batch", "min_segment_chars", "max_context_chars"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"rlpt.{key}={getattr(t, key)} must be >= 1")
+    if t.group_size < 2 and t.advantage in ("grpo", "rloo"):
+        raise ConfigError(f"rlpt.group_size={t.group_size}: group-normalized advantages need at least 2 samples per prompt")
+    if not 0.0 <= t.msr_fraction <= 1.0:
+        raise ConfigError(f"rlpt.msr_fraction={t.msr_fraction} must be in [0, 1]")
+    if t.micro_batch < 0 or t.sft_steps < 0:
+        raise ConfigError("rlpt.micro_batch and rlpt.sft_steps must be >= 0")
+    if "{context}" not in t.asr_template or "{context}" not in t.msr_template or "{next}" not in t.msr_template:
+        raise ConfigError("rlpt.asr_template needs {context}; rlpt.msr_template needs {context} and {next}")
+    if t.judge == "model" and not t.judge_model:
+        raise ConfigError("rlpt.judge=model needs rlpt.judge_model (a model path)")
     if not 0.0 <= cfg.data.validation_fraction < 1.0:
         raise ConfigError("data.validation_fraction must be in [0, 1)")
     return cfg

@@ -1,3 +1,4 @@
+import os
 import pytest
 
 from ra3_jax.config import ConfigError, load_config
@@ -6,7 +7,11 @@ from .conftest import REPO
 
 
 def test_shipped_configs_load():
-    for name in ("tiny_cpu", "smollm2_135m_cpu"):
+    import glob
+
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(f"{REPO}/configs/*.yaml"))
+    assert {"tiny_cpu", "smollm2_135m_cpu", "ra3_tiny_cpu", "ra3_smollm2_cpu", "rlvr_smollm2"} <= set(names)
+    for name in names:
         cfg = load_config(f"{REPO}/configs/{name}.yaml")
         assert cfg.train.steps > 0
 
@@ -32,3 +37,13 @@ def test_bad_values():
         load_config(None, ["model.init=gguf"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/x.yaml")
+
+
+def test_rlvr_section_validation():
+    cfg = load_config(None, ["rlvr.group_size=4", "rlvr.advantage=rloo", "rlvr.micro_batch=8"])
+    assert (cfg.rlvr.group_size, cfg.rlvr.advantage, cfg.rlvr.micro_batch) == (4, "rloo", 8)
+    for bad, msg in [("rlvr.group_size=1", "at least 2 samples"), ("rlvr.advantage=ppo", "rlvr.advantage"),
+                     ("rlvr.micro_batch=-1", "micro_batch"), ("rlvr.timeout_s=0", "timeout_s"),
+                     ("rlvr.promts_per_step=4", "Did you mean 'prompts_per_step'")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, [bad])

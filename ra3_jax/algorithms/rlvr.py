@@ -1,4 +1,4 @@
-"""RLVR: GRPO on code problems with unit-test rewards from the sandbox.
+"""RLVR: GRPO on code problems with unit-test rewards from the sandbox (and the GRPO loop RLPT shares).
 
 One RL step:
 1. rollout: ``prompts_per_step`` task prompts, G samples each from the in-graph sampler with the current policy
@@ -61,6 +61,8 @@ def grpo_update(state: TrainState, ref_params, batch, *, cfg: LlamaConfig, tx, G
     denom = jnp.maximum(batch["resp_mask"].sum(), 1.0)
     rows = {k: v for k, v in batch.items() if k != "rewards"}
     rows["adv"] = group_advantages(batch["rewards"], G, advantage)
+    if "adv_weight" in batch:  # per-row weights (RLPT: lambda on MSR rows)
+        rows["adv"] = rows["adv"] * rows.pop("adv_weight")
 
     def part(params, b):
         mask = b["resp_mask"]
@@ -162,22 +164,30 @@ def rollout_rows(prompts: list[list[int]], out, G: int, pad: int, dp: int) -> di
     return {"inputs": arr[:, :-1], "targets": arr[:, 1:], "positions": pos, "segment_ids": seg, "resp_mask": resp}
 
 
-class RLVRTrainer:
-    def __init__(self, cfg: RunConfig):
-        self.cfg, self.v = cfg, cfg.rlvr
+class GRPOTrainer:
+    """The GRPO loop shared by RLVR and RLPT. A subclass provides the tasks, their prompts and stop strings,
+    the rewards and the periodic evaluation; ``section`` holds the GRPO knobs (same names in both sections)."""
+
+    mode = "grpo"
+
+    def __init__(self, cfg: RunConfig, section):
+        self.cfg, self.v = cfg, section
+        self.prompt_ids: dict[int, list[int]] = {}
         self.out_dir = os.path.abspath(os.path.expanduser(cfg.train.out_dir))
         os.makedirs(self.out_dir, exist_ok=True)
         self.mesh = make_run_mesh(cfg)
         self.dp = sharding.data_parallel_size(self.mesh)
         rows = self.v.prompts_per_step * self.v.group_size
         if self.v.micro_batch and (rows % self.v.micro_batch or self.v.micro_batch % self.dp):
-            raise TrainingError(f"rlvr.micro_batch={self.v.micro_batch} must divide the {rows} rows of a step and be "
+            raise TrainingError(f"{self.mode}.micro_batch={self.v.micro_batch} must divide the {rows} rows of a step and be "
                                 f"divisible by the data-parallel size {self.dp}")
-        if (self.v.prompts_per_step * self.v.group_size) % self.dp:
-            raise TrainingError(f"rlvr.prompts_per_step x group_size = {self.v.prompts_per_step * self.v.group_size} rows "
-                                f"must be divisible by the data-parallel size {self.dp}")
+        if rows % self.dp:
+            raise TrainingError(f"{self.mode}.prompts_per_step x group_size = {rows} rows must be divisible by the "
+                                f"data-parallel size {self.dp}")
         self.tokenizer = resolve_tokenizer(cfg)
-        self.tasks, self.fmt = load_training_tasks(cfg)
+        self.tasks = self.load_tasks()
+        if not self.tasks:
+            raise TrainingError(f"{self.mode} has no training tasks")
         self.model_cfg, params = load_model(cfg.model, self.mesh, key=jax.random.key(cfg.train.seed))
         check_vocab(self.tokenizer, self.model_cfg)
         self.tx = make_optimizer(cfg.optim, cfg.train.steps * self.v.updates_per_batch)
@@ -192,14 +202,14 @@ class RLVRTrainer:
             self.state, data_state, _ = self.ckpt.restore(self.start, abstract_state(self.model_cfg, self.tx, self.mesh))
             self.cursor = int(data_state["cursor"])
         else:
+            params = self.before_rl(params)
             self.state = create_state(params, self.tx, self.model_cfg, self.mesh)
         del params
         self.sampler = Sampler(None, self.model_cfg, self.tokenizer)
         self.sampling = SamplingParams(temperature=self.v.temperature, top_k=self.v.top_k, top_p=self.v.top_p)
-        self.sandbox = Sandbox(Limits(timeout_s=self.v.timeout_s, memory_mb=self.v.memory_mb),
-                               workers=self.v.sandbox_workers)
         rows_shard = sharding.batch_sharding(self.mesh, 2)
-        b_shard = {**{k: rows_shard for k in ROW_KEYS}, "rewards": sharding.batch_sharding(self.mesh, 1)}
+        vec_shard = sharding.batch_sharding(self.mesh, 1)
+        b_shard = {**{k: rows_shard for k in ROW_KEYS}, "rewards": vec_shard, "adv_weight": vec_shard}
         p_shard = param_shardings(self.model_cfg, self.mesh)
         on_policy = self.v.updates_per_batch == 1
         upd = functools.partial(grpo_update, cfg=self.model_cfg, tx=self.tx, G=self.v.group_size, clip_eps=self.v.clip_eps,
@@ -210,37 +220,58 @@ class RLVRTrainer:
                                out_shardings=(self.st_shard, sharding.replicated(self.mesh)), donate_argnums=(0,))  # fmt: skip
         self._old_logp = jax.jit(functools.partial(token_logprobs, cfg=self.model_cfg), in_shardings=(p_shard, None))
         self.b_shard = b_shard
-        self.prompt_ids = {}
 
+    # -- what a subclass provides
+    def load_tasks(self) -> list:
+        raise NotImplementedError
+
+    def prompt(self, task) -> str:
+        raise NotImplementedError
+
+    @property
+    def stops(self) -> tuple:
+        raise NotImplementedError
+
+    def score(self, idx: list[int], texts: list[str], out) -> tuple[np.ndarray, dict]:
+        """Rewards [len(idx) * G] (group-major) and extra per-step metrics."""
+        raise NotImplementedError
+
+    def adv_weights(self, idx: list[int]) -> np.ndarray:
+        """Per-row advantage weights (RLPT's lambda on MSR rows); ones by default."""
+        return np.ones(len(idx) * self.v.group_size, np.float32)
+
+    def before_rl(self, params):
+        """Hook before the RL state is created on a fresh run (RLPT's cold-start SFT)."""
+        return params
+
+    def evaluate(self, step: int) -> dict:
+        return {}
+
+    def has_eval(self) -> bool:
+        return False
+
+    # -- shared machinery
     def _ids(self, i: int) -> list[int]:
         if i not in self.prompt_ids:
-            ids = self.tokenizer.encode(self.fmt.prompt(self.tasks[i]))
+            ids = self.tokenizer.encode(self.prompt(self.tasks[i]))
             self.prompt_ids[i] = ids or [self.tokenizer.bos_id]
         return self.prompt_ids[i]
 
-    # -- one step, split in its three phases
     def rollout(self, idx: list[int], key):
         prompts = [self._ids(i) for i in idx]
         self.sampler.params = self.state.params
         t0 = time.perf_counter()
         out = self.sampler.generate_tokens(prompts, max_new_tokens=self.v.max_new_tokens, sampling=self.sampling, key=key,
-                                           num_samples=self.v.group_size, stop_strings=list(self.fmt.stops))  # fmt: skip
-        G = self.v.group_size
-        texts = [cut_at_stops(self.tokenizer.decode([int(t) for t in out.tokens[r, : int(out.lengths[r])]]), self.fmt.stops)
-                 for r in range(len(prompts) * G)]  # fmt: skip
+                                           num_samples=self.v.group_size, stop_strings=list(self.stops))  # fmt: skip
+        texts = [self.tokenizer.decode([int(t) for t in out.tokens[r, : int(out.lengths[r])]])
+                 for r in range(len(prompts) * self.v.group_size)]  # fmt: skip
         return prompts, out, texts, time.perf_counter() - t0
 
-    def rewards(self, idx: list[int], texts: list[str]):
-        G = self.v.group_size
-        t0 = time.perf_counter()
-        jobs = [self.fmt.program(self.tasks[idx[r // G]], texts[r]) for r in range(len(texts))]
-        res = self.sandbox.run_many(jobs)
-        return np.array([1.0 if r.passed else 0.0 for r in res], np.float32), res, time.perf_counter() - t0
-
-    def update(self, prompts, out, rewards):
+    def update(self, prompts, out, rewards, weights):
         t0 = time.perf_counter()
         rows = rollout_rows(prompts, out, self.v.group_size, self.tokenizer.pad_id, self.dp)
         rows["rewards"] = rewards
+        rows["adv_weight"] = weights
         rows["old_logp"] = np.zeros_like(rows["resp_mask"])
         batch = jax.device_put(rows, self.b_shard)
         if self.v.updates_per_batch > 1:
@@ -252,23 +283,6 @@ class RLVRTrainer:
         m = {k: float(np.mean([float(x[k]) for x in ms])) for k in ms[0]}
         return m, time.perf_counter() - t0
 
-    def evaluate(self, step: int) -> dict:
-        res = {}
-        data_dir = self.v.data_dir or os.environ.get("RA3_BENCHMARK_DIR") or None
-        self.sampler.params = self.state.params
-        greedy = SamplingParams(temperature=0.0)
-        for name in self.v.eval_benchmarks:
-            tasks = load_benchmark(name, "test", data_dir=data_dir, tfds_dir=self.cfg.data.tfds_dir)
-            tasks = tasks[: self.v.eval_tasks] if self.v.eval_tasks else tasks
-            fmt = PromptFormat.create(name, self.v.mbpp_style, data_dir=data_dir)
-            generate = sampler_generate(self.sampler, greedy, self.v.eval_max_new_tokens, fmt.stops)
-            rep = evaluate_model(generate, tasks, fmt, self.sandbox, n_samples=1, temperature=0.0, ks=(1,),
-                                 batch_tasks=self.v.prompts_per_step,
-                                 out_dir=os.path.join(self.out_dir, "eval", f"step_{step}", name.replace("+", "_plus")),
-                                 progress=False)  # fmt: skip
-            res[f"eval/{name}/pass@1"] = rep.pass_at[1]
-        return res
-
     def run(self) -> dict:
         cfg, v = self.cfg, self.v
         write_run_metadata(self.out_dir, cfg, self.model_cfg, self.tokenizer)
@@ -276,41 +290,40 @@ class RLVRTrainer:
         bar = None
         if cfg.train.progress and is_main_process():
             from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.train.steps, initial=self.start, desc="rlvr", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=cfg.train.steps, initial=self.start, desc=self.mode, unit="step", dynamic_ncols=True)
         last: dict = {}
         last_good = self.start or None
         base_key = jax.random.key(cfg.train.seed)
         kill_after = int(os.environ.get(FAULT_ENV, "0") or 0)
         try:
-            if self.start == 0 and v.eval_benchmarks and cfg.train.eval_every:
+            if self.start == 0 and self.has_eval() and cfg.train.eval_every:
                 writer.write(0, self.evaluate(0))
             for step in range(self.start + 1, cfg.train.steps + 1):
                 idx = task_batch(len(self.tasks), self.cursor, v.prompts_per_step, cfg.train.seed)
                 prompts, out, texts, t_roll = self.rollout(idx, jax.random.fold_in(base_key, step))
-                rewards, res, t_rew = self.rewards(idx, texts)
-                m, t_upd = self.update(prompts, out, rewards)
+                t1 = time.perf_counter()
+                rewards, extra = self.score(idx, texts, out)
+                t_rew = time.perf_counter() - t1
+                m, t_upd = self.update(prompts, out, rewards, self.adv_weights(idx))
                 raise_if_nonfinite(m, step, last_good, self.out_dir)
                 self.cursor += v.prompts_per_step
-                G = v.group_size
-                groups = rewards.reshape(-1, G)
+                groups = rewards.reshape(-1, v.group_size)
                 gen_tokens = int(np.sum(out.lengths))
                 total = t_roll + t_rew + t_upd
                 m.update({
-                    "reward": float(rewards.mean()), "pass_rate": float(rewards.mean()),
-                    "solved_prompts": float((groups.max(1) > 0).mean()),
+                    "reward": float(rewards.mean()), "solved_prompts": float((groups.max(1) > 0).mean()),
                     "zero_signal_groups": float((groups.std(1) == 0).mean()),
                     "response_len": float(np.mean(out.lengths)), "rollout_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
                     "rollout_s": t_roll, "reward_s": t_rew, "update_s": t_upd, "step_s": total,
-                    "reward_share": t_rew / max(total, 1e-9), "lr": float(self.lr_at(step * v.updates_per_batch)),
-                    "sandbox_timeouts": float(sum(r.status == "timeout" for r in res)),
+                    "reward_share": t_rew / max(total, 1e-9), "lr": float(self.lr_at(step * v.updates_per_batch)), **extra,
                 })  # fmt: skip
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and v.eval_benchmarks:
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and self.has_eval():
                     m.update(self.evaluate(step))
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     writer.write(step, m)
                 last = m
                 if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-                    self.ckpt.save(step, self.state, {"cursor": self.cursor}, {"step": step, "mode": "rlvr"})
+                    self.ckpt.save(step, self.state, {"cursor": self.cursor}, {"step": step, "mode": self.mode})
                     last_good = step
                 if kill_after and step == kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -322,7 +335,63 @@ class RLVRTrainer:
                 bar.close()
             self.ckpt.close()
             writer.close()
-        return {k: v_ for k, v_ in last.items()}
+        return dict(last)
+
+    def benchmark_eval(self, step: int, names, *, data_dir, mbpp_style: str, max_new_tokens: int, n_tasks: int,
+                       sandbox: Sandbox) -> dict:
+        """Greedy pass@1 on the test splits of ``names`` (first ``n_tasks`` tasks; 0 = all)."""
+        res = {}
+        self.sampler.params = self.state.params
+        greedy = SamplingParams(temperature=0.0)
+        for name in names:
+            tasks = load_benchmark(name, "test", data_dir=data_dir, tfds_dir=self.cfg.data.tfds_dir)
+            tasks = tasks[:n_tasks] if n_tasks else tasks
+            fmt = PromptFormat.create(name, mbpp_style, data_dir=data_dir)
+            generate = sampler_generate(self.sampler, greedy, max_new_tokens, fmt.stops)
+            rep = evaluate_model(generate, tasks, fmt, sandbox, n_samples=1, temperature=0.0, ks=(1,),
+                                 batch_tasks=self.v.prompts_per_step,
+                                 out_dir=os.path.join(self.out_dir, "eval", f"step_{step}", name.replace("+", "_plus")),
+                                 progress=False)  # fmt: skip
+            res[f"eval/{name}/pass@1"] = rep.pass_at[1]
+        return res
+
+
+class RLVRTrainer(GRPOTrainer):
+    """GRPO on code problems; reward 1 when every unit test passes in the sandbox."""
+
+    mode = "rlvr"
+
+    def __init__(self, cfg: RunConfig):
+        self.sandbox = Sandbox(Limits(timeout_s=cfg.rlvr.timeout_s, memory_mb=cfg.rlvr.memory_mb),
+                               workers=cfg.rlvr.sandbox_workers)
+        super().__init__(cfg, cfg.rlvr)
+
+    def load_tasks(self):
+        tasks, self.fmt = load_training_tasks(self.cfg)
+        return tasks
+
+    def prompt(self, task) -> str:
+        return self.fmt.prompt(task)
+
+    @property
+    def stops(self) -> tuple:
+        return tuple(self.fmt.stops)
+
+    def score(self, idx, texts, out):
+        G = self.v.group_size
+        jobs = [self.fmt.program(self.tasks[idx[r // G]], cut_at_stops(texts[r], self.stops)) for r in range(len(texts))]
+        res = self.sandbox.run_many(jobs)
+        rewards = np.array([1.0 if r.passed else 0.0 for r in res], np.float32)
+        return rewards, {"pass_rate": float(rewards.mean()), "sandbox_timeouts": float(sum(r.status == "timeout" for r in res))}
+
+    def has_eval(self) -> bool:
+        return bool(self.v.eval_benchmarks)
+
+    def evaluate(self, step: int) -> dict:
+        data_dir = self.v.data_dir or os.environ.get("RA3_BENCHMARK_DIR") or None
+        return self.benchmark_eval(step, self.v.eval_benchmarks, data_dir=data_dir, mbpp_style=self.v.mbpp_style,
+                                   max_new_tokens=self.v.eval_max_new_tokens, n_tasks=self.v.eval_tasks,
+                                   sandbox=self.sandbox)  # fmt: skip
 
 
 def rlvr(cfg: RunConfig) -> dict:
