@@ -38,12 +38,18 @@ def cmd_train(args, mode):
     print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
 
 
-def cmd_midtrain_ra3(args):
-    from ra3_jax.algorithms.ra3 import midtrain_ra3
+def run_job(target: str):
+    """A command that runs ``module:function(cfg)`` on the config and prints its result as JSON."""
 
-    cfg = _cfg(args)
-    result = midtrain_ra3(cfg)
-    print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+    def cmd(args):
+        import importlib
+
+        module, fn = target.split(":")
+        cfg = _cfg(args)
+        result = getattr(importlib.import_module(module), fn)(cfg)
+        print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+
+    return cmd
 
 
 def cmd_show_latents(args):
@@ -191,22 +197,6 @@ def cmd_eval(args):
                       "programs_per_s": round(rep.programs_per_s, 2), "sandbox_isolated": sandbox.isolated}, indent=1))
 
 
-def cmd_rlvr(args):
-    from ra3_jax.algorithms.rlvr import rlvr
-
-    cfg = _cfg(args)
-    result = rlvr(cfg)
-    print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
-
-
-def cmd_rlpt(args):
-    from ra3_jax.algorithms.rlpt import rlpt
-
-    cfg = _cfg(args)
-    result = rlpt(cfg)
-    print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
-
-
 def cmd_report(args):
     from ra3_jax.evaluation.report import write_report
 
@@ -224,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("pretrain", help="NTP training from random init")).set_defaults(fn=lambda a: cmd_train(a, "pretrain"))
     with_config(sub.add_parser("midtrain-ntp", help="NTP continued training of a real model")).set_defaults(fn=lambda a: cmd_train(a, "midtrain-ntp"))
-    with_config(sub.add_parser("midtrain-ra3", help="RA3 EM mid-training (E-step latent discovery + M-step NTP)")).set_defaults(fn=cmd_midtrain_ra3)
+    with_config(sub.add_parser("midtrain-ra3", help="RA3 EM mid-training (E-step latent discovery + M-step NTP)")).set_defaults(fn=run_job("ra3_jax.algorithms.ra3:midtrain_ra3"))
     sl = sub.add_parser("show-latents", help="print bootstrapped documents with their inserted rationales")
     sl.add_argument("run", help="a midtrain-ra3 run directory (train.out_dir)")
     sl.add_argument("--iteration", type=int, default=None, help="EM iteration (default: the last written)")
@@ -267,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="", help="results folder (default: <train.out_dir>/eval/<benchmark>)")
     ev.set_defaults(fn=cmd_eval)
-    with_config(sub.add_parser("rlvr", help="GRPO with unit-test rewards from the sandbox")).set_defaults(fn=cmd_rlvr)
-    with_config(sub.add_parser("rlpt", help="RL on pre-training data: next-segment prediction (ASR/MSR) with GRPO")).set_defaults(fn=cmd_rlpt)
+    with_config(sub.add_parser("rlvr", help="GRPO with unit-test rewards from the sandbox")).set_defaults(fn=run_job("ra3_jax.algorithms.rlvr:rlvr"))
+    with_config(sub.add_parser("rlpt", help="RL on pre-training data: next-segment prediction (ASR/MSR) with GRPO")).set_defaults(fn=run_job("ra3_jax.algorithms.rlpt:rlpt"))
     rp = sub.add_parser("report", help="PNG curves + Markdown table from run directories (metrics.jsonl)")
     rp.add_argument("runs", nargs="+", help="run directories (train.out_dir of rlvr / training runs)")
     rp.add_argument("--out", required=True, help="folder for the PNGs and report.md")
