@@ -223,7 +223,8 @@ class SentencePieceTokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, *, model_type: str = "bpe",
-                        max_sentence_length: int = 1 << 16, input_sentence_size: int = 0, seed: int = 0) -> SentencePieceTokenizer:  # fmt: skip
+                        max_sentence_length: int = 1 << 16, input_sentence_size: int = 0, seed: int = 0,
+                        num_threads: int | None = None) -> SentencePieceTokenizer:  # fmt: skip
     """Train a code-friendly sentencepiece model (identity normalization, whitespace kept, byte fallback).
 
     Each text is split into lines (sentencepiece's unit); newline and tab are user symbols so every text
@@ -249,7 +250,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, *, 
             allow_whitespace_only_pieces=True, byte_fallback=True, user_defined_symbols=["\n", "\t"],
             max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
-            num_threads=os.cpu_count() or 1, minloglevel=2, train_extremely_large_corpus=False,
+            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, train_extremely_large_corpus=False,
         )  # fmt: skip
     except RuntimeError as e:
         raise TokenizerError(f"sentencepiece training failed: {e}") from None
