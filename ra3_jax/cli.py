@@ -163,12 +163,12 @@ def cmd_sample(args):
 
 
 def cmd_eval(args):
-    from ra3_jax.data.code_benchmarks import load_benchmark
+    from ra3_jax.data.code_benchmarks import benchmark_dir, load_benchmark
     from ra3_jax.evaluation.code_eval import DEFAULT_LIMITS, PromptFormat, evaluate_model
     from ra3_jax.execution import Limits, Sandbox
 
     cfg = _cfg(args)
-    data_dir = args.data_dir or os.environ.get("RA3_BENCHMARK_DIR") or None
+    data_dir = benchmark_dir(args.data_dir)
     tasks = load_benchmark(args.benchmark, args.split, data_dir=data_dir, tfds_dir=cfg.data.tfds_dir)
     tasks = tasks[: args.limit] if args.limit else tasks
     fmt = PromptFormat.create(args.benchmark, args.mbpp_style, data_dir=data_dir)
@@ -176,8 +176,9 @@ def cmd_eval(args):
     limits = Limits(timeout_s=args.timeout or base.timeout_s, memory_mb=base.memory_mb)
     sandbox = Sandbox(limits, workers=args.workers)
     if args.canonical:  # harness self-check: the reference solutions instead of a model
+        by_prompt = {fmt.prompt(t): t for t in tasks}
+
         def generate(prompts, n):
-            by_prompt = {fmt.prompt(t): t for t in tasks}
             return [[by_prompt[p]["canonical_solution"]] * n for p in prompts]
     else:
         import jax

@@ -147,18 +147,9 @@ class RA3Section:
 
 
 @dataclass
-class RLVRSection:
-    """RLVR: GRPO on code problems with unit-test rewards from the sandbox (docs/RLVR.md).
+class GRPOSection:
+    """GRPO knobs shared by the rlvr and rlpt sections (read by algorithms/rlvr.GRPOTrainer)."""
 
-    The policy's AdamW settings (lr, schedule, warmup, clip_norm, weight_decay) come from the optim section;
-    train.steps is the number of RL steps, train.ckpt_every / eval_every / seed / out_dir apply as usual."""
-
-    benchmark: str = "mbpp"  # training tasks: a benchmark (data/code_benchmarks.py) ...
-    split: str = "train"
-    tasks_file: str = ""  # ... or a JSONL of {task_id, prompt, test[, prefix]} (overrides benchmark)
-    data_dir: str = ""  # benchmark release files (manual_dir); "" = $RA3_BENCHMARK_DIR
-    mbpp_style: str = "docstring"  # docstring | 3shot
-    max_tasks: int = 0  # use only the first N training tasks (0 = all)
     prompts_per_step: int = 8
     group_size: int = 8  # G samples per prompt (one shared prefill)
     max_new_tokens: int = 256
@@ -172,6 +163,21 @@ class RLVRSection:
     kl_coef: float = 0.0  # > 0 keeps a frozen reference copy of the start model
     kl_estimator: str = "k3"  # k1 | k3
     loss_aggregation: str = "token"  # token | sequence
+
+
+@dataclass
+class RLVRSection(GRPOSection):
+    """RLVR: GRPO on code problems with unit-test rewards from the sandbox (docs/RLVR.md).
+
+    The policy's AdamW settings (lr, schedule, warmup, clip_norm, weight_decay) come from the optim section;
+    train.steps is the number of RL steps, train.ckpt_every / eval_every / seed / out_dir apply as usual."""
+
+    benchmark: str = "mbpp"  # training tasks: a benchmark (data/code_benchmarks.py) ...
+    split: str = "train"
+    tasks_file: str = ""  # ... or a JSONL of {task_id, prompt, test[, prefix]} (overrides benchmark)
+    data_dir: str = ""  # benchmark release files (manual_dir); "" = $RA3_BENCHMARK_DIR
+    mbpp_style: str = "docstring"  # docstring | 3shot
+    max_tasks: int = 0  # use only the first N training tasks (0 = all)
     timeout_s: float = 10.0  # per program
     memory_mb: int = 2048
     sandbox_workers: int = 2
@@ -181,7 +187,7 @@ class RLVRSection:
 
 
 @dataclass
-class RLPTSection:
+class RLPTSection(GRPOSection):
     """RLPT: GRPO on next-segment prediction over the pre-training corpus (data section), docs/RLPT.md.
 
     Paper settings are the defaults: 8 samples per prompt, temperature 1.0, no KL, constant lr (optim)."""
@@ -199,19 +205,7 @@ class RLPTSection:
     judge_init: str = "orbax"  # gguf | hf | orbax
     judge_template: str = ("Reference: {reference}\nPrediction: {prediction}\n"
                            "Does the prediction say the same as the start of the reference? Answer yes or no.\nAnswer:")
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    advantage: str = "grpo"
-    clip_eps: float = 0.2
-    updates_per_batch: int = 1
-    kl_coef: float = 0.0  # the paper trains without KL
-    kl_estimator: str = "k3"
-    loss_aggregation: str = "token"
-    micro_batch: int = 0
+    max_new_tokens: int = 64  # (the GRPO knobs are GRPOSection's; the paper trains without KL: kl_coef 0)
     sft_steps: int = 0  # optional cold-start SFT on (prompt -> target + end tag) before RL
     sft_lr: float = 1.0e-4
     sft_batch: int = 16
@@ -360,17 +354,23 @@ _CHOICES = {
     ("ra3", "kl_estimator"): ("k1", "k3"),
     ("ra3", "loss_aggregation"): ("token", "sequence"),
     ("ra3", "mstep_init"): ("model", "policy"),
-    ("rlvr", "advantage"): ("grpo", "rloo", "drgrpo"),
-    ("rlvr", "kl_estimator"): ("k1", "k3"),
-    ("rlvr", "loss_aggregation"): ("token", "sequence"),
     ("rlvr", "mbpp_style"): ("docstring", "3shot"),
     ("rlpt", "segmenter"): ("auto", "text", "code", "line"),
     ("rlpt", "judge"): ("prefix", "model"),
     ("rlpt", "judge_init"): ("gguf", "hf", "orbax"),
-    ("rlpt", "advantage"): ("grpo", "rloo", "drgrpo"),
-    ("rlpt", "kl_estimator"): ("k1", "k3"),
-    ("rlpt", "loss_aggregation"): ("token", "sequence"),
+    **{(sec, key): choices for sec in ("rlvr", "rlpt") for key, choices in (
+        ("advantage", ("grpo", "rloo", "drgrpo")), ("kl_estimator", ("k1", "k3")), ("loss_aggregation", ("token", "sequence")))},
 }
+
+
+def _validate_grpo(name: str, g: GRPOSection) -> None:
+    for key in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_batch"):
+        if getattr(g, key) < 1:
+            raise ConfigError(f"{name}.{key}={getattr(g, key)} must be >= 1")
+    if g.micro_batch < 0:
+        raise ConfigError(f"{name}.micro_batch must be >= 0 (0 = the whole step at once)")
+    if g.group_size < 2 and g.advantage in ("grpo", "rloo"):
+        raise ConfigError(f"{name}.group_size={g.group_size}: group-normalized advantages need at least 2 samples per prompt")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -395,26 +395,22 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"ra3.{key}={getattr(r, key)} must be >= 1")
     if r.group_size < 2 and r.advantage in ("grpo", "rloo"):
         raise ConfigError(f"ra3.group_size={r.group_size}: group-normalized advantages need at least 2 samples per group")
+    for name in ("rlvr", "rlpt"):
+        _validate_grpo(name, getattr(cfg, name))
     v = cfg.rlvr
-    for key in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_batch", "sandbox_workers", "eval_max_new_tokens"):
+    for key in ("sandbox_workers", "eval_max_new_tokens"):
         if getattr(v, key) < 1:
             raise ConfigError(f"rlvr.{key}={getattr(v, key)} must be >= 1")
-    if v.micro_batch < 0:
-        raise ConfigError("rlvr.micro_batch must be >= 0 (0 = the whole step at once)")
-    if v.group_size < 2 and v.advantage in ("grpo", "rloo"):
-        raise ConfigError(f"rlvr.group_size={v.group_size}: group-normalized advantages need at least 2 samples per prompt")
     if v.timeout_s <= 0:
         raise ConfigError("rlvr.timeout_s must be > 0")
     t = cfg.rlpt
-    for key in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_batch", "min_segment_chars", "max_context_chars"):
+    for key in ("min_segment_chars", "max_context_chars"):
         if getattr(t, key) < 1:
             raise ConfigError(f"rlpt.{key}={getattr(t, key)} must be >= 1")
-    if t.group_size < 2 and t.advantage in ("grpo", "rloo"):
-        raise ConfigError(f"rlpt.group_size={t.group_size}: group-normalized advantages need at least 2 samples per prompt")
     if not 0.0 <= t.msr_fraction <= 1.0:
         raise ConfigError(f"rlpt.msr_fraction={t.msr_fraction} must be in [0, 1]")
-    if t.micro_batch < 0 or t.sft_steps < 0:
-        raise ConfigError("rlpt.micro_batch and rlpt.sft_steps must be >= 0")
+    if t.sft_steps < 0:
+        raise ConfigError("rlpt.sft_steps must be >= 0")
     if "{context}" not in t.asr_template or "{context}" not in t.msr_template or "{next}" not in t.msr_template:
         raise ConfigError("rlpt.asr_template needs {context}; rlpt.msr_template needs {context} and {next}")
     if t.judge == "model" and not t.judge_model:

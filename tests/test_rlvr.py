@@ -29,7 +29,7 @@ def test_rollout_rows_mask_the_response_only():
         tokens = np.array([[5, 6, 0], [7, 0, 0]])
         lengths = np.array([2, 1])
 
-    rows = rollout_rows([[1, 2, 3]], Out, G=2, pad=0, dp=1)
+    rows = rollout_rows([[1, 2, 3]], Out, G=2, pad=0)
     assert rows["inputs"][0, :4].tolist() == [1, 2, 3, 5] and rows["targets"][0, :4].tolist() == [2, 3, 5, 6]
     assert rows["resp_mask"][0, :5].tolist() == [0, 0, 1, 1, 0]  # targets 5 and 6 are the response
     assert rows["resp_mask"][1, :4].tolist() == [0, 0, 1, 0]

@@ -45,6 +45,7 @@ from ra3_jax.config import RunConfig
 from ra3_jax.data.boundaries import find_boundaries, indentation, split_steps
 from ra3_jax.data.bootstrap import BootstrapRecord, is_complete, make_bootstrap_dataset, write_bootstrap
 from ra3_jax.data.corpus import build_corpus
+from ra3_jax.data.pipeline import pad_rows
 from ra3_jax.model.llama import LlamaConfig
 from ra3_jax.model.params import param_shardings
 from ra3_jax.model.store import load_model
@@ -206,22 +207,6 @@ def sequence_logprobs(params, batch, *, cfg: LlamaConfig):
 
 
 # ----------------------------------------------------------------------------------------- host batching
-def _pad_rows(seqs: list[list[int]], length: int, pad: int, masks: dict[str, list[list[int]]]):
-    n = len(seqs)
-    arr = np.full((n, length + 1), pad, np.int32)
-    seg = np.zeros((n, length), np.int32)
-    out_masks = {k: np.zeros((n, length), np.float32) for k in masks}
-    for i, s in enumerate(seqs):
-        s = s[: length + 1]
-        arr[i, : len(s)] = s
-        seg[i, : max(len(s) - 1, 0)] = 1
-        for k, m in masks.items():
-            mm = m[i][1: length + 1]  # mask of target positions (token j+1)
-            out_masks[k][i, : len(mm)] = mm
-    pos = np.broadcast_to(np.arange(length, dtype=np.int32), (n, length)).copy()
-    return {"inputs": arr[:, :-1], "targets": arr[:, 1:], "positions": pos, "segment_ids": seg}, out_masks
-
-
 @dataclasses.dataclass
 class Candidate:
     doc: int  # index into the document list
@@ -309,8 +294,8 @@ class LatentProposer:
         con_h += [[0, 0]] * n_pad
         L = bucket(max(len(s) for s in lat_seqs + con_seqs) - 1)
         Lp = min(L, bucket(max(len(c.ctx) + len(z["tokens"]) for c, g in zip(cands, groups) for z in g) - 1))
-        lat, lm = _pad_rows(lat_seqs, L, self.tokenizer.pad_id, {"z": lat_z, "hor": lat_h})
-        con, cm = _pad_rows(con_seqs, L, self.tokenizer.pad_id, {"hor": con_h})
+        lat, lm = pad_rows(lat_seqs, L, self.tokenizer.pad_id, {"z": lat_z, "hor": lat_h})
+        con, cm = pad_rows(con_seqs, L, self.tokenizer.pad_id, {"hor": con_h})
         batch = {f"lat_{k}": v for k, v in lat.items()} | {f"con_{k}": v for k, v in con.items()}
         batch |= {"lat_z_mask": lm["z"], "lat_hor_mask": lm["hor"], "con_hor_mask": cm["hor"]}
         bs = sharding.batch_sharding(self.mesh, 2)
@@ -375,7 +360,7 @@ class LatentProposer:
         for i in range(0, len(seqs), rows):
             chunk = seqs[i: i + rows]
             L = bucket(max(len(s) for s in chunk) - 1)
-            b, _ = _pad_rows(chunk + [[0, 0]] * (rows - len(chunk)), L, self.tokenizer.pad_id, {})
+            b, _ = pad_rows(chunk + [[0, 0]] * (rows - len(chunk)), L, self.tokenizer.pad_id, {})
             lp = np.asarray(jax.device_get(self._seq_lp(params, b)))
             out += [lp[j, : len(s) - 1] for j, s in enumerate(chunk)]
         return out

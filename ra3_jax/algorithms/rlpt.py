@@ -24,7 +24,9 @@ import optax
 
 from ra3_jax.algorithms.rlvr import GRPOTrainer
 from ra3_jax.config import RunConfig
+from ra3_jax.data.code_benchmarks import benchmark_dir
 from ra3_jax.data.corpus import build_corpus
+from ra3_jax.data.pipeline import pad_rows
 from ra3_jax.data.segments import Triple, make_triples
 from ra3_jax.execution import Sandbox
 from ra3_jax.objectives.ntp import token_logprobs
@@ -173,17 +175,8 @@ class RLPTTrainer(GRPOTrainer):
                 y = self.tokenizer.encode(self.tasks[int(i)].triple.target) + end_ids
                 seqs.append(p + y)
                 masks.append([0] * len(p) + [1] * len(y))
-            T = bucket(max(len(s) for s in seqs) - 1)
-            arr = np.full((len(seqs), T + 1), self.tokenizer.pad_id, np.int32)
-            m = np.zeros((len(seqs), T), np.float32)
-            seg = np.zeros((len(seqs), T), np.int32)
-            for r, (s_, mk) in enumerate(zip(seqs, masks)):
-                s_, mk = s_[: T + 1], mk[: T + 1]
-                arr[r, : len(s_)] = s_
-                m[r, : len(mk) - 1] = mk[1:]
-                seg[r, : len(s_) - 1] = 1
-            batch = {"inputs": arr[:, :-1], "targets": arr[:, 1:], "mask": m, "segment_ids": seg,
-                     "positions": np.tile(np.arange(T, dtype=np.int32), (len(seqs), 1))}  # fmt: skip
+            rows, m = pad_rows(seqs, bucket(max(len(x) for x in seqs) - 1), self.tokenizer.pad_id, {"y": masks})
+            batch = {**rows, "mask": m["y"]}
             params, opt, loss = step(params, opt, batch)
             self.sft_losses.append(float(loss))
         log.info("cold-start SFT: %d steps, last loss %.4f", v.sft_steps, float(loss))
@@ -209,12 +202,9 @@ class RLPTTrainer(GRPOTrainer):
         if self.val_triples:
             res["eval/next_segment_acc"] = self.next_segment_accuracy(self.val_triples)
         if self.v.eval_benchmarks:
-            import os
-
             if self._sandbox is None:
                 self._sandbox = Sandbox(workers=2)
-            data_dir = self.v.data_dir or os.environ.get("RA3_BENCHMARK_DIR") or None
-            res.update(self.benchmark_eval(step, self.v.eval_benchmarks, data_dir=data_dir, mbpp_style="docstring",
+            res.update(self.benchmark_eval(step, self.v.eval_benchmarks, data_dir=benchmark_dir(self.v.data_dir), mbpp_style="docstring",
                                            max_new_tokens=self.v.eval_max_new_tokens, n_tasks=0, sandbox=self._sandbox))
         return res
 

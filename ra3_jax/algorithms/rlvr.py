@@ -25,7 +25,8 @@ import optax
 
 from ra3_jax import sharding
 from ra3_jax.config import RunConfig
-from ra3_jax.data.code_benchmarks import load_benchmark
+from ra3_jax.data.code_benchmarks import benchmark_dir, load_benchmark
+from ra3_jax.data.pipeline import pad_rows
 from ra3_jax.evaluation.code_eval import (HUMANEVAL_STOPS, PromptFormat, TaskFormat, cut_at_stops,
                                           evaluate_model, sampler_generate)
 from ra3_jax.execution import Job, Limits, Sandbox
@@ -126,42 +127,35 @@ def load_training_tasks(cfg: RunConfig):
                               "prefix": t.get("prefix", t["prompt"])})
         fmt = TaskFormat("custom", tuple(HUMANEVAL_STOPS))
     else:
-        data_dir = v.data_dir or os.environ.get("RA3_BENCHMARK_DIR") or None
+        data_dir = benchmark_dir(v.data_dir)
         tasks = load_benchmark(v.benchmark, v.split, data_dir=data_dir, tfds_dir=cfg.data.tfds_dir)
         fmt = PromptFormat.create(v.benchmark, v.mbpp_style, data_dir=data_dir)
     if v.max_tasks:
         tasks = tasks[: v.max_tasks]
-    if not tasks:
-        raise TrainingError("RLVR has no training tasks")
     return tasks, fmt
 
 
 def task_batch(n_tasks: int, cursor: int, count: int, seed: int) -> list[int]:
     """Task indices cursor .. cursor+count of an endless stream of per-epoch permutations (resumable)."""
+    perms: dict[int, np.ndarray] = {}
     out = []
     for c in range(cursor, cursor + count):
         epoch, i = divmod(c, n_tasks)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n_tasks)[i]))
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_tasks)
+        out.append(int(perms[epoch][i]))
     return out
 
 
-def rollout_rows(prompts: list[list[int]], out, G: int, pad: int, dp: int) -> dict:
+def rollout_rows(prompts: list[list[int]], out, G: int, pad: int) -> dict:
     """Host rows prompt + response for the update; resp_mask marks response targets. Length bucketed."""
-    n = len(prompts) * G
-    lens = [len(prompts[r // G]) + int(out.lengths[r]) for r in range(n)]
-    T = bucket(max(lens) - 1)
-    arr = np.full((n, T + 1), pad, np.int32)
-    resp = np.zeros((n, T), np.float32)
-    seg = np.zeros((n, T), np.int32)
-    for r in range(n):
-        p = prompts[r // G]
-        k = int(out.lengths[r])
-        seq = list(p) + [int(t) for t in out.tokens[r, :k]]
-        arr[r, : len(seq)] = seq
-        seg[r, : len(seq) - 1] = 1
-        resp[r, len(p) - 1: len(seq) - 1] = 1.0  # target j+1 is a response token
-    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (n, T)).copy()
-    return {"inputs": arr[:, :-1], "targets": arr[:, 1:], "positions": pos, "segment_ids": seg, "resp_mask": resp}
+    seqs, masks = [], []
+    for r in range(len(prompts) * G):
+        p, k = prompts[r // G], int(out.lengths[r])
+        seqs.append(list(p) + [int(t) for t in out.tokens[r, :k]])
+        masks.append([0] * len(p) + [1] * k)
+    rows, m = pad_rows(seqs, bucket(max(len(x) for x in seqs) - 1), pad, {"resp": masks})
+    return {**rows, "resp_mask": m["resp"]}
 
 
 class GRPOTrainer:
@@ -269,7 +263,7 @@ class GRPOTrainer:
 
     def update(self, prompts, out, rewards, weights):
         t0 = time.perf_counter()
-        rows = rollout_rows(prompts, out, self.v.group_size, self.tokenizer.pad_id, self.dp)
+        rows = rollout_rows(prompts, out, self.v.group_size, self.tokenizer.pad_id)
         rows["rewards"] = rewards
         rows["adv_weight"] = weights
         rows["old_logp"] = np.zeros_like(rows["resp_mask"])
@@ -388,8 +382,7 @@ class RLVRTrainer(GRPOTrainer):
         return bool(self.v.eval_benchmarks)
 
     def evaluate(self, step: int) -> dict:
-        data_dir = self.v.data_dir or os.environ.get("RA3_BENCHMARK_DIR") or None
-        return self.benchmark_eval(step, self.v.eval_benchmarks, data_dir=data_dir, mbpp_style=self.v.mbpp_style,
+        return self.benchmark_eval(step, self.v.eval_benchmarks, data_dir=benchmark_dir(self.v.data_dir), mbpp_style=self.v.mbpp_style,
                                    max_new_tokens=self.v.eval_max_new_tokens, n_tasks=self.v.eval_tasks,
                                    sandbox=self.sandbox)  # fmt: skip
 

