@@ -20,22 +20,41 @@ def _known_errors():
     from ra3_jax.data.code_benchmarks import BenchmarkError
     from ra3_jax.execution import SandboxError
     from ra3_jax.evaluation.report import ReportError
+    from ra3_jax.distributed import DistributedError
 
-    return (BenchmarkError, SandboxError, ReportError, ConfigError, CorpusError, CheckpointError, TokenizerError, TrainingError, CheckpointIOError, FileNotFoundError, ValueError)
+    return (DistributedError, BenchmarkError, SandboxError, ReportError, ConfigError, CorpusError, CheckpointError, TokenizerError, TrainingError, CheckpointIOError, FileNotFoundError, ValueError)
 
 
-def _cfg(args):
+def _cfg(args, *, multi_process: bool = False):
+    """Read the config; connect the processes of a multi-process run (before any JAX computation)."""
+    from ra3_jax import distributed
     from ra3_jax.config import load_config
 
-    return load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "mesh", None):
+        overrides.append(f"mesh.name={args.mesh}")
+    cfg = load_config(args.config, overrides)
+    if distributed.initialize(cfg.distributed):
+        if not distributed.is_main_process():
+            logging.getLogger().setLevel(logging.ERROR)  # logs and progress come from process 0
+        if not multi_process:
+            distributed.require_single_process(f"ra3 {args.command}")
+    return cfg
 
 
 def cmd_train(args, mode):
     from ra3_jax.train.loop import train
 
-    cfg = _cfg(args)
+    cfg = _cfg(args, multi_process=True)
     result = train(cfg, mode=mode)
-    print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+    if is_main():
+        print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+
+
+def is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def run_job(target: str):
@@ -73,7 +92,9 @@ def cmd_show_latents(args):
 def cmd_eval_loss(args):
     from ra3_jax.train.loop import evaluate_only
 
-    print(json.dumps(evaluate_only(_cfg(args)), indent=1))
+    result = evaluate_only(_cfg(args, multi_process=True))
+    if is_main():
+        print(json.dumps(result, indent=1))
 
 
 def cmd_convert(args):
@@ -210,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(sp):
         sp.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
+        sp.add_argument("--mesh", default="", help="named mesh (launch/meshes/<name>.yaml) or a mesh file; same as mesh.name=")
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
         return sp
 

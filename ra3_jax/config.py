@@ -70,13 +70,40 @@ class DataSection:
     batch_size: int = 8  # global batch (sequences per optimizer step, before grad accumulation)
     shuffle_seed: int = 0
     num_epochs: int = 0  # 0 = repeat forever
+    # How processes of a multi-process run split the global batch. records: Grain shards the corpus records
+    # (each process reads and tokenizes 1/P of the data; batches depend on the process count). rows: every
+    # process reads the global batch stream and keeps its rows (results do not depend on the process count).
+    process_split: str = "records"
 
 
 @dataclass
 class MeshSection:
+    # A named mesh (launch/meshes/<name>.yaml, or a path to such a file). When set, its sizes replace the ones
+    # below and its device count is checked against the devices this run sees.
+    name: str = ""
     data: int = -1  # -1 = all remaining devices
     fsdp: int = 1
     tensor: int = 1
+    # Data-parallel replicas across slices / nodes (DCN): a hybrid mesh whose data axis is dcn_data x (data /
+    # dcn_data), with each replica's fsdp and tensor axes inside one TPU slice (or one GPU node / process).
+    dcn_data: int = 1
+
+
+@dataclass
+class DistributedSection:
+    """Multi-process runs on JAX's multi-controller runtime (jax.distributed), one process per host or GPU.
+
+    mode=auto initializes when the environment describes a multi-process job: RA3_NUM_PROCESSES > 1 (set by
+    launch/gpu.sh), SLURM with more than one task, Open MPI, or a multi-host TPU VM. Unset fields come from
+    RA3_COORDINATOR_ADDRESS / RA3_NUM_PROCESSES / RA3_PROCESS_ID, else from JAX's cluster auto-detection."""
+
+    mode: str = "auto"  # auto | on | off
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 0  # 0 = from the environment
+    process_id: int = -1  # -1 = from the environment
+    local_device_ids: list[int] = field(default_factory=list)  # [] = all local devices (JAX's default)
+    cpu_collectives: str = "gloo"  # collectives of the CPU backend across processes: gloo | mpi
+    init_timeout_s: int = 300
 
 
 @dataclass
@@ -221,6 +248,7 @@ class RunConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     mesh: MeshSection = field(default_factory=MeshSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     ra3: RA3Section = field(default_factory=RA3Section)
@@ -349,6 +377,9 @@ _CHOICES = {
     ("model", "compute_dtype"): ("float32", "bfloat16"),
     ("tokenizer", "kind"): ("auto", "gguf", "hf", "sentencepiece"),
     ("optim", "schedule"): ("cosine", "constant"),
+    ("data", "process_split"): ("records", "rows"),
+    ("distributed", "mode"): ("auto", "on", "off"),
+    ("distributed", "cpu_collectives"): ("gloo", "mpi"),
     ("ra3", "granularity"): ("statement", "line"),
     ("ra3", "advantage"): ("grpo", "rloo", "drgrpo"),
     ("ra3", "kl_estimator"): ("k1", "k3"),
@@ -380,6 +411,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{section}.{key}={v!r} is not one of {choices}")
     if cfg.model.init != "random" and not cfg.model.path:
         raise ConfigError(f"model.init={cfg.model.init} needs model.path")
+    if cfg.mesh.dcn_data < 1:
+        raise ConfigError(f"mesh.dcn_data={cfg.mesh.dcn_data} must be >= 1")
     if cfg.data.seq_len < 2:
         raise ConfigError("data.seq_len must be >= 2")
     if cfg.optim.grad_accum < 1 or cfg.data.batch_size % cfg.optim.grad_accum:

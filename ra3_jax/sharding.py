@@ -38,8 +38,13 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 log = logging.getLogger(__name__)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """Build a (data, fsdp, tensor) mesh; ``-1`` in one axis takes the remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, dcn_data: int = 1) -> Mesh:
+    """Build a (data, fsdp, tensor) mesh; ``-1`` in one axis takes the remaining devices.
+
+    ``dcn_data > 1`` builds a hybrid mesh for multi-slice TPU / multi-node GPU: the data axis is made of
+    ``dcn_data`` groups (TPU slices, or processes elsewhere) so that fsdp and tensor collectives stay inside a
+    group and only data-parallel gradient reductions cross the slower network.
+    """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     sizes = [data, fsdp, tensor]
@@ -57,7 +62,25 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
             f"but {n} are available ({jax.default_backend()}); fix the mesh section of the config"
         )
-    arr = np.asarray(devices, dtype=object).reshape(sizes)
+    if dcn_data > 1:
+        if sizes[0] % dcn_data:
+            raise ValueError(f"mesh.dcn_data={dcn_data} must divide the data axis ({sizes[0]})")
+        from jax.experimental import mesh_utils
+
+        on_tpu = devices[0].platform == "tpu"
+        granules = len({getattr(d, "slice_index", 0) for d in devices}) if on_tpu else len({d.process_index for d in devices})
+        if granules != dcn_data:
+            what = "TPU slices" if on_tpu else "processes"
+            raise ValueError(f"mesh.dcn_data={dcn_data} but the run has {granules} {what}; set dcn_data to that count")
+        arr = mesh_utils.create_hybrid_device_mesh([sizes[0] // dcn_data, sizes[1], sizes[2]], [dcn_data, 1, 1], devices,
+                                                   process_is_granule=not on_tpu, allow_split_physical_axes=True)  # fmt: skip
+    elif devices[0].platform == "tpu":
+        from jax.experimental import mesh_utils  # physical-topology-aware device order (ICI torus)
+
+        arr = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    else:
+        # Process-major order: each process's devices are contiguous, so data-parallel rows group by process.
+        arr = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id)), dtype=object).reshape(sizes)
     return Mesh(arr, MESH_AXES)
 
 

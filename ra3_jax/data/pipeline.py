@@ -40,18 +40,23 @@ def _finalize(batch):
 
 
 def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1, num_threads: int = 4) -> grain.IterDataset:  # fmt: skip
-    """``batch_size`` is per process. ``num_epochs=None`` repeats forever."""
+                 num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1, num_threads: int = 4,
+                 rows: tuple[int, int] | None = None) -> grain.IterDataset:  # fmt: skip
+    """``batch_size`` rows per batch read from record shard ``shard_index`` of ``shard_count``; ``rows=(lo, hi)``
+    keeps only those rows of each batch. ``num_epochs=None`` repeats forever."""
     return packed_batches(source, Tokenize(tokenizer), ("inputs", "targets"), _finalize, seq_len=seq_len, batch_size=batch_size,
                           seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
-                          num_threads=num_threads, keep=_has_tokens)  # fmt: skip
+                          num_threads=num_threads, keep=_has_tokens, rows=rows)  # fmt: skip
 
 
 def packed_batches(source, transform, features, finalize, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
                    num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1, num_threads: int = 4,
-                   keep=None) -> grain.IterDataset:  # fmt: skip
+                   keep=None, rows: tuple[int, int] | None = None) -> grain.IterDataset:  # fmt: skip
     """The shared tail of every corpus pipeline: shard per process -> shuffle -> repeat -> ``transform`` each
-    record into 1-D ``features`` -> concat-then-split pack to ``seq_len`` -> batch -> ``finalize``."""
+    record into 1-D ``features`` -> concat-then-split pack to ``seq_len`` -> batch -> ``finalize``.
+
+    ``rows=(lo, hi)``: every process reads the same global batches and keeps rows [lo, hi) (a last partial
+    batch is first padded to ``batch_size`` with empty rows, so every process gets hi - lo rows)."""
     if len(source) == 0:
         raise ValueError("empty data source")
     ds = grain.MapDataset.source(source)
@@ -65,7 +70,25 @@ def packed_batches(source, transform, features, finalize, *, seq_len: int, batch
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={f: seq_len for f in features})
     it = it.batch(batch_size, drop_remainder=num_epochs is None)
-    return it.map(finalize)
+    it = it.map(finalize)
+    if rows is not None:
+        it = it.map(_RowSlice(batch_size, *rows))
+    return it
+
+
+@dataclasses.dataclass
+class _RowSlice(grain.transforms.Map):
+    batch_size: int
+    lo: int
+    hi: int
+
+    def map(self, batch):
+        out = {}
+        for k, v in batch.items():
+            if v.shape[0] < self.batch_size:
+                v = np.concatenate([v, np.zeros((self.batch_size - v.shape[0],) + v.shape[1:], v.dtype)])
+            out[k] = v[self.lo : self.hi]
+        return out
 
 
 def pad_rows(seqs: list[list[int]], length: int, pad: int, masks: dict[str, list[list[int]]]):

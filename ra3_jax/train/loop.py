@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from ra3_jax import sharding
+from ra3_jax import distributed, meshes, sharding
 from ra3_jax.config import RunConfig, dump_config
 from ra3_jax.data.corpus import build_corpus
 from ra3_jax.data.pipeline import make_dataset
@@ -36,12 +36,57 @@ class TrainingError(RuntimeError):
     pass
 
 
-def is_main_process() -> bool:
-    return jax.process_index() == 0
+is_main_process = distributed.is_main_process
 
 
 def make_run_mesh(cfg: RunConfig):
-    return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    return meshes.make_run_mesh(cfg.mesh)
+
+
+def process_dataset(source, tokenizer, cfg: RunConfig, mesh, *, split: str | None = None, **kw):
+    """This process's part of the global batch stream (``data.batch_size`` rows per step over all processes).
+
+    ``split`` (default ``data.process_split``): ``records`` gives each distinct row block of the mesh its own
+    shard of the records; ``rows`` has every process read the global stream and keep its rows."""
+    B = cfg.data.batch_size
+    lo, hi, shard, count = distributed.data_shard(mesh, B)
+    split = split or cfg.data.process_split
+    common = dict(seq_len=cfg.data.seq_len, **kw)
+    if count == 1:
+        return make_dataset(source, tokenizer, batch_size=B, **common)
+    if split == "rows":
+        return make_dataset(source, tokenizer, batch_size=B, rows=(lo, hi), **common)
+    return make_dataset(source, tokenizer, batch_size=hi - lo, shard_index=shard, shard_count=count, **common)
+
+
+def data_state_to_save(data_iter, cfg: RunConfig) -> dict:
+    """The iterator state for a checkpoint: one state, or (records split, several processes) one per process."""
+    state = data_iter.get_state()
+    if jax.process_count() == 1 or cfg.data.process_split == "rows":
+        return state
+    from ra3_jax.train.checkpoint import _jsonable
+
+    return {"per_process": distributed.allgather_json(_jsonable(state)), "process_split": "records"}
+
+
+def restore_data_state(data_iter, saved: dict, cfg: RunConfig, step: int) -> None:
+    n = jax.process_count()
+    if "per_process" in saved:
+        states = saved["per_process"]
+        if len(states) != n:
+            raise TrainingError(
+                f"the checkpoint of step {step} was written by {len(states)} processes with data.process_split=records, "
+                f"whose data positions are per process; resume it with {len(states)} processes (any mesh), or restart "
+                "the data stream with data.process_split=rows"
+            )
+        data_iter.set_state(states[jax.process_index()])
+        return
+    if n > 1 and cfg.data.process_split == "records":
+        raise TrainingError(
+            f"the checkpoint of step {step} holds one data position (written by 1 process or with data.process_split=rows); "
+            f"resume it with data.process_split=rows to continue the same global batch stream on {n} processes"
+        )
+    data_iter.set_state(saved)
 
 
 def resolve_tokenizer(cfg: RunConfig):
@@ -65,11 +110,14 @@ def check_vocab(tokenizer, model_cfg) -> None:
         )
 
 
-def global_batch(local: dict, mesh) -> dict:
-    """Per-process host batch -> global jax.Arrays sharded over (data, fsdp)."""
+def global_batch(local: dict, mesh, global_rows: int | None = None) -> dict:
+    """Per-process host batch (this process's rows, ``distributed.process_rows``) -> global jax.Arrays sharded
+    over (data, fsdp). ``global_rows`` defaults to local rows x the number of distinct row blocks."""
     out = {}
     for k, v in local.items():
-        out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), np.asarray(v))
+        v = np.asarray(v)
+        shape = None if global_rows is None else (global_rows,) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v, shape)
     return out
 
 
@@ -101,15 +149,17 @@ def _pad_batch(b: dict, batch_size: int) -> dict:
 
 def evaluate(params, eval_fn, source, tokenizer, cfg: RunConfig, mesh, token_bytes: np.ndarray) -> dict:
     """Held-out loss (nats/token) and bits per byte over the first ``train.eval_batches`` batches (0 = all)."""
-    per_proc = cfg.data.batch_size // jax.process_count()
-    ds = make_dataset(source, tokenizer, seq_len=cfg.data.seq_len, batch_size=per_proc, shuffle=False, num_epochs=1,
-                      shard_index=jax.process_index(), shard_count=jax.process_count())  # fmt: skip
+    # Every process reads the same global validation batches and feeds its rows: the same number of steps on
+    # every process, and the same numbers as a one-process evaluation.
+    B = cfg.data.batch_size
+    lo, hi = distributed.process_rows(mesh, B)
+    ds = make_dataset(source, tokenizer, seq_len=cfg.data.seq_len, batch_size=B, shuffle=False, num_epochs=1)
     nll, ntok, nbytes = 0.0, 0.0, 0.0
     for i, b in enumerate(ds):
         if cfg.train.eval_batches and i >= cfg.train.eval_batches:
             break
-        b = _pad_batch(b, per_proc)
-        m = jax.device_get(eval_fn(params, global_batch(b, mesh)))
+        b = _pad_batch(b, B)
+        m = jax.device_get(eval_fn(params, global_batch({k: v[lo:hi] for k, v in b.items()}, mesh, B)))
         nll += float(m["nll_sum"])
         ntok += float(m["tokens"])
         nbytes += float((token_bytes[b["targets"]] * b["loss_mask"]).sum())
@@ -170,7 +220,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
     os.makedirs(out_dir, exist_ok=True)
     mesh = make_run_mesh(cfg)
     dp = sharding.data_parallel_size(mesh)
-    if cfg.data.batch_size % dp or cfg.data.batch_size % jax.process_count():
+    if cfg.data.batch_size % dp:
         raise TrainingError(f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel size {dp}")
     if (cfg.data.batch_size // cfg.optim.grad_accum) % dp:
         raise TrainingError(f"micro-batch {cfg.data.batch_size // cfg.optim.grad_accum} not divisible by data-parallel size {dp}")
@@ -189,14 +239,12 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
     eval_fn = jit_eval_step(model_cfg, mesh, param_shardings(model_cfg, mesh))
 
     ckpt = RunCheckpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints)
-    per_proc = cfg.data.batch_size // jax.process_count()
-    ds = make_dataset(sources["train"], tokenizer, seq_len=cfg.data.seq_len, batch_size=per_proc, seed=cfg.data.shuffle_seed,
-                      num_epochs=cfg.data.num_epochs or None, shard_index=jax.process_index(), shard_count=jax.process_count())  # fmt: skip
+    ds = process_dataset(sources["train"], tokenizer, cfg, mesh, seed=cfg.data.shuffle_seed, num_epochs=cfg.data.num_epochs or None)
     data_iter = iter(ds)
     start = ckpt.latest_step()
     if start is not None:
         state, data_state, meta = ckpt.restore(start, abstract_state(model_cfg, tx, mesh))
-        data_iter.set_state(data_state)
+        restore_data_state(data_iter, data_state, cfg, start)
         del params
         log.info("resumed from step %d in %s", start, out_dir)
     else:
@@ -227,7 +275,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
             except StopIteration:
                 log.warning("data exhausted after %d epochs at step %d", cfg.data.num_epochs, step - 1)
                 break
-            state, m = step_fn(state, global_batch(host, mesh))
+            state, m = step_fn(state, global_batch(host, mesh, cfg.data.batch_size))
             must_check = step % cfg.train.log_every == 0 or step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
             if must_check:
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -244,7 +292,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
                 writer.write(step, ev)
                 last.update(ev)
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-                ckpt.save(step, state, data_iter.get_state(), {"step": step, "mode": mode})
+                ckpt.save(step, state, data_state_to_save(data_iter, cfg), {"step": step, "mode": mode, "processes": jax.process_count()})
             if progress is not None:
                 progress.update(1)
             if kill_after and step == kill_after:
