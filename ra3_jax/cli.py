@@ -118,6 +118,34 @@ def cmd_convert(args):
     print(json.dumps({"out": os.path.abspath(args.out), "params": cfg.num_params(), "config": cfg.__dict__}, indent=1))
 
 
+def cmd_export_hf(args):
+    from ra3_jax.model.export import export_hf
+
+    print(json.dumps(export_hf(args.model, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30)), indent=1))
+
+
+def cmd_compile_check(args):
+    from ra3_jax.config import load_config
+    from ra3_jax.meshes import load_mesh_file
+    from ra3_jax.train.compile_check import compile_check, format_report, simulate_devices
+
+    if args.simulate_on_cpu:
+        m = load_config(args.config, args.overrides + ([f"mesh.name={args.mesh}"] if args.mesh else [])).mesh
+        if m.name:
+            n = load_mesh_file(m.name)["devices"]
+        elif -1 in (m.data, m.fsdp, m.tensor):
+            raise ValueError("--simulate-on-cpu needs a named mesh (--mesh) or explicit mesh.data/fsdp/tensor sizes (no -1)")
+        else:
+            n = m.data * m.fsdp * m.tensor
+        simulate_devices(n)
+    cfg = _cfg(args, multi_process=True)
+    from ra3_jax.meshes import make_run_mesh
+
+    report = compile_check(cfg, make_run_mesh(cfg.mesh, check_platform=not args.simulate_on_cpu))
+    if is_main():
+        print(json.dumps(report, indent=1) if args.json else format_report(report))
+
+
 def cmd_tokenizer_train(args):
     from ra3_jax.data.corpus import build_corpus
     from ra3_jax.tokenizer import train_sentencepiece
@@ -295,6 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     c.add_argument("--rope-layout", default="half", choices=("half", "interleaved"))
     c.set_defaults(fn=cmd_convert)
+
+    x = sub.add_parser("export-hf", help="model directory or training run -> HF safetensors + config.json")
+    x.add_argument("--model", required=True, help="a model directory (ra3 convert) or a training run directory (latest step)")
+    x.add_argument("--out", required=True, help="new folder for the HF checkpoint")
+    x.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    x.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
+    x.set_defaults(fn=cmd_export_hf)
+
+    cc = with_config(sub.add_parser("compile-check", help="AOT-compile the train step for a mesh; memory per device"))
+    cc.add_argument("--simulate-on-cpu", action="store_true", help="compile on as many host CPU devices as the mesh has")
+    cc.add_argument("--json", action="store_true", help="print the report as JSON")
+    cc.set_defaults(fn=cmd_compile_check)
 
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = t.add_subparsers(dest="tok_command", required=True)

@@ -103,14 +103,16 @@ def check_devices(mesh_file: dict, n_devices: int, platform: str) -> None:
         )
 
 
-def make_run_mesh(section, devices=None):
-    """The run's mesh from the config's mesh section; a named mesh is checked against the visible devices."""
+def make_run_mesh(section, devices=None, *, check_platform: bool = True):
+    """The run's mesh from the config's mesh section; a named mesh is checked against the visible devices
+    (``check_platform=False``: count only, e.g. a GPU mesh simulated on CPU devices)."""
     import jax
 
     from ra3_jax.sharding import make_mesh
 
     devices = list(jax.devices() if devices is None else devices)
     if section.name:
-        check_devices(load_mesh_file(section.name), len(devices), devices[0].platform)
+        m = load_mesh_file(section.name)
+        check_devices(m, len(devices), devices[0].platform if check_platform else m.get("platform") or devices[0].platform)
     s = resolve_mesh_section(section)
     return make_mesh(s.data, s.fsdp, s.tensor, devices, dcn_data=s.dcn_data)

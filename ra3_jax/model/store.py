@@ -90,3 +90,24 @@ def restore_params_from_dir(path: str, cfg: LlamaConfig, mesh):
             raise CheckpointError(f"run directory {path} has no finished checkpoint")
         return ck.restore_params(step, target)
     raise CheckpointError(f"{path} holds neither params/ (from `ra3 convert`) nor checkpoints/ (a training run)")
+
+
+def read_model_shape(section) -> LlamaConfig:
+    """The model config of the config's model section without reading any weights (AOT checks, planning)."""
+    rt = runtime_overrides(section)
+    if section.init == "random":
+        return model_config_from_section(section)
+    path = resolve_model_path(section.path)
+    if section.init == "gguf":
+        from ra3_jax.model.convert import _gguf_reader, gguf_config
+
+        return gguf_config(_gguf_reader(path), rope_layout=section.rope_layout, **rt)
+    if section.init == "hf":
+        from ra3_jax.model.convert import hf_config_to_llama
+
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_file):
+            raise CheckpointError(f"HF checkpoint {path}: config.json not found")
+        with open(cfg_file, encoding="utf-8") as f:
+            return hf_config_to_llama(json.load(f), **rt)
+    return read_model_config(path, **rt)
