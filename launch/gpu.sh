@@ -37,13 +37,21 @@ options:
 EOF
 }
 
+# Shell-quote words, joined by single spaces.
+quote_words() {
+  local out="" w
+  for w in "$@"; do
+    out+="${out:+ }$(printf '%q' "$w")"
+  done
+  printf '%s' "$out"
+}
+
 die() { echo "gpu.sh: $*" >&2; exit 2; }
 
 # Print (dry run) or execute a command given as words.
 do_cmd() {
   if [[ "$DRY_RUN" == 1 ]]; then
-    printf '%q ' "$@"
-    printf '\n'
+    printf '%s\n' "$(quote_words "$@")"
   else
     "$@"
   fi
@@ -146,7 +154,7 @@ case "$VERB" in
 ${PARTITION:+#SBATCH --partition=$PARTITION}
 ${ACCOUNT:+#SBATCH --account=$ACCOUNT}
 cd $(printf '%q' "$REPO")
-exec $(printf '%q ' "$REPO/launch/gpu.sh" run "${fwd[@]}" -- "${CMD[@]}")"
+exec $(quote_words "$REPO/launch/gpu.sh" run "${fwd[@]}" -- "${CMD[@]}")"
     if [[ "$DRY_RUN" == 1 ]]; then
       echo "# sbatch script:"
       printf '%s\n' "$script"

@@ -40,12 +40,20 @@ options:
 EOF
 }
 
+# Shell-quote words, joined by single spaces.
+quote_words() {
+  local out="" w
+  for w in "$@"; do
+    out+="${out:+ }$(printf '%q' "$w")"
+  done
+  printf '%s' "$out"
+}
+
 die() { echo "tpu.sh: $*" >&2; exit 2; }
 
 do_cmd() {
   if [[ "$DRY_RUN" == 1 ]]; then
-    printf '%q ' "$@"
-    printf '\n'
+    printf '%s\n' "$(quote_words "$@")"
   else
     "$@"
   fi
@@ -117,7 +125,7 @@ case "$VERB" in
     if [[ -n "$MESH" ]]; then
       cmd+=(--mesh "$MESH")
     fi
-    on_all_workers "cd $(printf '%q' "$REMOTE_DIR") && RA3_DISTRIBUTED=on $(printf '%q ' "${cmd[@]}")"
+    on_all_workers "cd $(printf '%q' "$REMOTE_DIR") && RA3_DISTRIBUTED=on $(quote_words "${cmd[@]}")"
     ;;
   ssh)
     [[ ${#ARGS[@]} -gt 0 ]] || die "ssh needs a command after '--'"

@@ -302,6 +302,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if typ is str:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans; string fields take them as on/off
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -49,6 +51,41 @@ def multi_process_env() -> str | None:
     return None
 
 
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"coordinator address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def check_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+    """Fail with a clear error before JAX's client would abort the process (it does not raise on timeouts):
+    process 0 must be able to bind the coordinator port; the others must reach it within ``timeout_s``."""
+    host, port = _split_address(address)
+    if process_id == 0:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("", port))
+            except OSError as e:
+                raise DistributedError(f"process 0 cannot listen on coordinator port {port} ({e}); another job may hold it: "
+                                       f"pick a free port in {ENV_COORDINATOR}") from None  # fmt: skip
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2.0):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"process {process_id} cannot reach the coordinator {address} ({e}) within {timeout_s:.0f}s. Start "
+                    f"process 0 with the same {ENV_COORDINATOR}, check the host is reachable and the port open, or raise "
+                    "distributed.init_timeout_s."
+                ) from None
+            time.sleep(0.5)
+
+
 def initialize(section) -> bool:
     """Connect the processes of a multi-process run per the ``distributed`` config section.
 
@@ -69,6 +106,8 @@ def initialize(section) -> bool:
         return False
     # CPU processes exchange collectives over gloo (TCP); harmless on GPU/TPU, whose collectives are native.
     jax.config.update("jax_cpu_collectives_implementation", section.cpu_collectives)
+    if coordinator and pid is not None:
+        check_coordinator(coordinator, pid, section.init_timeout_s)
     kwargs = dict(coordinator_address=coordinator, num_processes=num, process_id=pid,
                   local_device_ids=list(section.local_device_ids) or None, initialization_timeout=section.init_timeout_s)  # fmt: skip
     try:
