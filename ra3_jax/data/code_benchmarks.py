@@ -196,9 +196,12 @@ def load_benchmark(name: str, split: str | None = None, *, data_dir: str | os.Pa
         manual_dir = _wheel_manual_dir(manual, tfds_dir)
     tfds.disable_progress_bar()
     logging.getLogger("absl").setLevel(logging.ERROR)
-    builder = CodeBenchmark(config=name.replace("+", "_plus"), data_dir=os.path.expanduser(str(tfds_dir)),
-                            file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    from ra3_jax.data.corpus import tfds_lock
+
+    data_root = os.path.expanduser(str(tfds_dir))
+    with tfds_lock(data_root, f"code_benchmark-{name}"):
+        builder = CodeBenchmark(config=name.replace("+", "_plus"), data_dir=data_root, file_format="array_record")
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     split = split or "test"
     if split not in builder.info.splits:
         raise BenchmarkError(f"{name} has no split {split!r}; it has {', '.join(builder.info.splits)}")
@@ -218,5 +221,8 @@ def _wheel_manual_dir(wheel_file: Path, tfds_dir) -> Path:
     link = d / MANUAL_FILES["humaneval"]
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
-        link.symlink_to(wheel_file)
+        try:
+            link.symlink_to(wheel_file)
+        except FileExistsError:  # another process made it meanwhile
+            pass
     return d

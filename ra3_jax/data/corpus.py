@@ -7,7 +7,9 @@ mtimes) and options, so a changed tree builds a new version instead of reusing a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import fnmatch
 import hashlib
 import logging
@@ -130,6 +132,20 @@ class CodeCorpus(tfds.core.GeneratorBasedBuilder):
             yield f.path, {"text": read_source(f, self.builder_config.skip_non_utf8), "path": f.relpath}
 
 
+@contextlib.contextmanager
+def tfds_lock(data_dir: str, key: str):
+    """Exclusive lock while a tfds dataset is built (several processes of one run, or parallel test workers,
+    may build the same dataset into one data_dir; the first builds it, the others then read it)."""
+    os.makedirs(data_dir, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    with open(os.path.join(data_dir, f".{safe}.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build_corpus(data_cfg) -> dict:
     """Prepare (once, cached under data.tfds_dir) and return {'train': source, 'validation': source}."""
     listed = list_source_files(data_cfg.source_dirs, data_cfg.include_glob, data_cfg.exclude_tests, data_cfg.max_files)
@@ -141,11 +157,13 @@ def build_corpus(data_cfg) -> dict:
     config = CodeCorpusConfig(files=files, validation_fraction=data_cfg.validation_fraction, skip_non_utf8=data_cfg.skip_non_utf8)
     tfds.disable_progress_bar()
     logging.getLogger("absl").setLevel(logging.ERROR)
-    builder = CodeCorpus(config=config, data_dir=os.path.expanduser(data_cfg.tfds_dir), file_format="array_record")
-    try:
-        builder.download_and_prepare()
-    except UnicodeDecodeError as e:  # pragma: no cover - read_source converts these
-        raise CorpusError(str(e)) from None
+    data_dir = os.path.expanduser(data_cfg.tfds_dir)
+    with tfds_lock(data_dir, f"code_corpus-{config.name}"):
+        builder = CodeCorpus(config=config, data_dir=data_dir, file_format="array_record")
+        try:
+            builder.download_and_prepare()
+        except UnicodeDecodeError as e:  # pragma: no cover - read_source converts these
+            raise CorpusError(str(e)) from None
     sources = builder.as_data_source()
     if "train" not in sources:
         raise CorpusError(f"empty corpus: all {len(files)} files fell into the validation split; lower data.validation_fraction")

@@ -147,7 +147,14 @@ def _pids_cgroup_base() -> Path | None:
             ok = (probe / "pids.max").exists()
             probe.rmdir()
             if ok:
-                for stale in base.glob("job-*"):  # left by killed parents; busy ones stay
+                for stale in base.glob("job-*"):  # left by killed parents (job-<parent pid>-<token>)
+                    try:
+                        os.kill(int(stale.name.split("-")[1]), 0)
+                        continue  # its parent lives (another sandbox on this machine): not ours to remove
+                    except (ValueError, IndexError, ProcessLookupError):
+                        pass
+                    except PermissionError:
+                        continue
                     try:
                         stale.rmdir()
                     except OSError:
@@ -341,7 +348,7 @@ class Sandbox:
         cgroup = None
         try:
             if self._cgroup_base:
-                cgroup = self._cgroup_base / f"job-{token[:16]}"
+                cgroup = self._cgroup_base / f"job-{os.getpid()}-{token[:16]}"
                 cgroup.mkdir()
                 (cgroup / "pids.max").write_text(str(limits.nproc + 2))  # + the runner and PID 1
             os.chmod(workdir, 0o700)
