@@ -1,6 +1,7 @@
 """Decode throughput of the in-graph sampler vs (a) HF transformers `generate` with KV cache and (b) a naive
 no-cache JAX loop, same shape and weights, one run. Shape (issue #3): d=256, 4 layers, vocab 8k, batch 16,
-prompt 64, 128 new tokens, float32, greedy. Usage: python benchmarks/sampler.py [--batch 16] [--smollm2]
+prompt 64, 128 new tokens, float32, greedy; ours and HF are each the best of 3 timed runs.
+Usage: python benchmarks/sampler.py [--batch 16] [--smollm2]
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import numpy as np
 from ra3_jax.model import LlamaConfig, forward, init_params
 from ra3_jax.sampler import SamplingParams, build_stop_automata, generate
 
+REPEATS = 3
+
 
 def run_ours(params, cfg, prompts, new):
     B, P = prompts.shape
@@ -23,10 +26,13 @@ def run_ours(params, cfg, prompts, new):
     tb, tl = np.zeros((cfg.vocab_size, 1), np.int32), np.zeros((cfg.vocab_size,), np.int32)
     args = (params, prompts, np.full((B,), P, np.int32), jax.random.key(0), np.zeros((B, 1), np.int32), np.zeros((B,), np.int32), dfa, acc, tb, tl)
     kw = dict(cfg=cfg, sampling=SamplingParams(temperature=0.0), max_new_tokens=new, eos_ids=())
-    jax.block_until_ready(generate(*args, **kw))  # compile
-    t = time.perf_counter()
-    out = jax.block_until_ready(generate(*args, **kw))
-    return B * new / (time.perf_counter() - t), np.asarray(out.tokens)
+    out = jax.block_until_ready(generate(*args, **kw))  # compile
+    best = float("inf")
+    for _ in range(REPEATS):  # best of REPEATS: this VM's run-to-run noise is large
+        t = time.perf_counter()
+        jax.block_until_ready(generate(*args, **kw))
+        best = min(best, time.perf_counter() - t)
+    return B * new / best, np.asarray(out.tokens)
 
 
 def run_naive(params, cfg, prompts, new, steps=8):
@@ -58,9 +64,12 @@ def run_hf(cfg, params, prompts, new):
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
         m.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
-        t = time.perf_counter()
-        m.generate(ids, **kw)
-    return ids.shape[0] * new / (time.perf_counter() - t)
+        best = float("inf")
+        for _ in range(REPEATS):
+            t = time.perf_counter()
+            m.generate(ids, **kw)
+            best = min(best, time.perf_counter() - t)
+    return ids.shape[0] * new / best
 
 
 def main():

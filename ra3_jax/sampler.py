@@ -161,7 +161,7 @@ def generate(params, prompt_tokens, prompt_lengths, key, forced_prefix, forced_l
     positions = jnp.where(valid, slot - offset, 0)
     S = cache_len or (P + N)
     cache = KVCache.init(cfg, B, S)
-    logits, cache = forward(params, prompt_tokens, positions, cfg, segment_ids=valid.astype(jnp.int32), cache=cache)
+    logits, cache = forward(params, prompt_tokens, positions, cfg, segment_ids=valid.astype(jnp.int32), cache=cache, empty_cache=True)
     last = logits[:, -1, :]
 
     rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731  prefill shared by the G samples of a prompt

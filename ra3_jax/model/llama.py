@@ -148,6 +148,32 @@ def _attention(q, k, v, mask, cfg: LlamaConfig):
     return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4)
 
 
+def _attention_cached(q, ck, cv, k_new, v_new, mask_old, mask_new):
+    """Attention of T new queries over the cache's S slots plus the T new keys, without writing the new keys
+    into the cache first (that copy of the layer's cache per step dominated decode on CPU).
+
+    q: [B,T,K,G,Dh]; ck, cv: [B,K,S,Dh]; k_new, v_new: [B,K,T,Dh]; mask_old [B,T,S]; mask_new [B,T,T]. One
+    softmax over both blocks (shared max and denominator), so the result equals attention over the
+    concatenated keys."""
+    B, T, K, G, Dh = q.shape
+    S = ck.shape[2]
+    qt = q.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, Dh)
+    s_old = jnp.einsum("bqd,bsd->bqs", qt, ck.reshape(B * K, S, Dh), preferred_element_type=jnp.float32)
+    s_new = jnp.einsum("bqd,bsd->bqs", qt, k_new.reshape(B * K, T, Dh), preferred_element_type=jnp.float32)
+    s_old = jnp.where(mask_old[:, None, None], s_old.reshape(B, K, G, T, S) * (Dh**-0.5), NEG_INF)
+    s_new = jnp.where(mask_new[:, None, None], s_new.reshape(B, K, G, T, T) * (Dh**-0.5), NEG_INF)
+    m = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+    p_old, p_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
+    denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+    dt = cv.dtype
+    out = jnp.einsum("bqs,bsd->bqd", p_old.astype(dt).reshape(B * K, G * T, S), cv.reshape(B * K, S, Dh),
+                     preferred_element_type=jnp.float32)  # fmt: skip
+    out = out + jnp.einsum("bqs,bsd->bqd", p_new.astype(dt).reshape(B * K, G * T, T), v_new.reshape(B * K, T, Dh),
+                           preferred_element_type=jnp.float32)  # fmt: skip
+    out = out / denom.reshape(B * K, G * T, 1)
+    return out.astype(dt).reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4)
+
+
 def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: int, T: int):
     """One decoder block on flat activations x: [N, D]. Returns (x, (k_cache, v_cache))."""
     dt = cfg.dtype
@@ -165,13 +191,16 @@ def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: in
         if cache_kv is not None:
             ck, cv = cache_kv
             k_new, v_new = k.astype(ck.dtype), v.astype(cv.dtype)
-            ck = jax.lax.dynamic_update_slice(ck, k_new, (0, 0, cache_index, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v_new, (0, 0, cache_index, 0))
             # only the T new slots leave the layer; the caller writes them into the cache once, in place
-            k_all, v_all, new_kv = ck.astype(dt), cv.astype(dt), (k_new, v_new)
+            mask_old, mask_new = mask
+            if mask_old is None:  # an empty cache (prefill): only the new keys
+                attn = _attention(q, k_new.astype(dt), v_new.astype(dt), mask_new, cfg)
+            else:
+                attn = _attention_cached(q, ck.astype(dt), cv.astype(dt), k_new.astype(dt), v_new.astype(dt), mask_old, mask_new)
+            new_kv = (k_new, v_new)
         else:
-            k_all, v_all, new_kv = k, v, None
-        attn = _attention(q, k_all, v_all, mask, cfg).reshape(B * T, K * G * Dh)
+            attn, new_kv = _attention(q, k, v, mask, cfg), None
+        attn = attn.reshape(B * T, K * G * Dh)
         x = x + attn @ lp["wo"].astype(dt)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
@@ -190,12 +219,14 @@ def forward(
     segment_ids: jax.Array | None = None,
     cache: KVCache | None = None,
     return_hidden: bool = False,
+    empty_cache: bool = False,
 ):
     """Run the decoder.
 
     tokens, positions: [B, T] int. segment_ids: [B, T] int, 0 = padding; without a cache, tokens attend only
     within their own segment (packed documents); with a cache, 0 marks pad tokens that no one attends to.
     Returns (logits [B, T, V] in float32 -- or the final hidden [B, T, D] if return_hidden -- , new cache).
+    empty_cache=True promises the cache holds nothing yet (a prefill): attention then skips the cache slots.
     """
     B, T = tokens.shape
     dt = cfg.dtype
@@ -213,8 +244,12 @@ def forward(
         S = cache.max_len
         cache_index = cache.index
         valid = jax.lax.dynamic_update_slice(cache.valid, segment_ids != 0, (0, cache_index))
-        slots = cache_index + jnp.arange(T)
-        mask = (jnp.arange(S)[None, :] <= slots[:, None])[None] & valid[:, None, :]
+        # (old slots: written before this call and real; new tokens: causal among themselves, pads excluded)
+        mask_old = None
+        if not empty_cache:
+            mask_old = jnp.broadcast_to(((jnp.arange(S) < cache_index)[None, :] & cache.valid)[:, None, :], (B, T, S))
+        mask_new = jnp.tril(jnp.ones((T, T), bool))[None] & (segment_ids != 0)[:, None, :]
+        mask = (mask_old, mask_new)
 
     def body(x, layer_in):
         lp, kv = layer_in
