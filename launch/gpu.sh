@@ -11,6 +11,9 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SCRIPT=gpu.sh
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$REPO/launch/common.sh"
 NODES="${SLURM_NNODES:-1}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 PORT="${RA3_COORDINATOR_PORT:-12355}"
@@ -37,25 +40,6 @@ options:
 EOF
 }
 
-# Shell-quote words, joined by single spaces.
-quote_words() {
-  local out="" w
-  for w in "$@"; do
-    out+="${out:+ }$(printf '%q' "$w")"
-  done
-  printf '%s' "$out"
-}
-
-die() { echo "gpu.sh: $*" >&2; exit 2; }
-
-# Print (dry run) or execute a command given as words.
-do_cmd() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '%s\n' "$(quote_words "$@")"
-  else
-    "$@"
-  fi
-}
 
 # First host of a SLURM node list, e.g. "gpu[003-004,010]" -> "gpu003".
 first_host() {

