@@ -41,7 +41,7 @@ def _ok(p, what):
     return p
 
 
-def _two_processes(args, devices_each=2):
+def _two_processes(args, devices_each=2, expect_rc=0):
     """Run ``ra3 args`` as 2 processes of one job (localhost coordinator, gloo CPU collectives)."""
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "ra3_jax.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -50,7 +50,7 @@ def _two_processes(args, devices_each=2):
              for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed ({p.returncode}):\n{err[-3000:]}"
+        assert p.returncode == expect_rc, f"process {i} ended with {p.returncode}, expected {expect_rc}:\n{err[-3000:]}"
     return outs
 
 
@@ -111,6 +111,10 @@ def test_records_split_two_processes_keep_per_process_data_positions(tmp_path, o
     assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
     p = _ra3(["pretrain", "--config", TINY, *overrides, "mesh.data=4", "train.steps=4", f"train.out_dir={out}"], _env(4))
     assert p.returncode == 2 and "written by 2 processes with data.process_split=records" in p.stderr
+    # finite epochs over per-process record shards would end at different steps: refused up front
+    outs = _two_processes(["pretrain", "--config", TINY, *overrides, "mesh.data=4", "data.num_epochs=1", "train.steps=2",
+                           f"train.out_dir={tmp_path / 'epochs'}"], expect_rc=2)  # fmt: skip
+    assert all("shards end at different steps" in err for _, err in outs)
 
 
 def test_restore_across_meshes_is_exact(tmp_path):

@@ -238,6 +238,11 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
     step_fn = jit_train_step(model_cfg, tx, cfg.optim.grad_accum, mesh, st_shard)
     eval_fn = jit_eval_step(model_cfg, mesh, param_shardings(model_cfg, mesh))
 
+    if cfg.data.num_epochs and cfg.data.process_split == "records" and distributed.data_shard(mesh, cfg.data.batch_size)[3] > 1:
+        # Record shards hold different numbers of batches: processes would run out at different steps and wait
+        # on each other forever.
+        raise TrainingError("data.num_epochs > 0 with data.process_split=records in a multi-process run: the per-process "
+                            "shards end at different steps. Use data.process_split=rows, or num_epochs=0 (repeat) with train.steps")  # fmt: skip
     ckpt = RunCheckpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints)
     ds = process_dataset(sources["train"], tokenizer, cfg, mesh, seed=cfg.data.shuffle_seed, num_epochs=cfg.data.num_epochs or None)
     data_iter = iter(ds)
