@@ -57,16 +57,17 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def run_job(target: str):
+def run_job(target: str, *, multi_process: bool = False):
     """A command that runs ``module:function(cfg)`` on the config and prints its result as JSON."""
 
     def cmd(args):
         import importlib
 
         module, fn = target.split(":")
-        cfg = _cfg(args)
+        cfg = _cfg(args, multi_process=multi_process)
         result = getattr(importlib.import_module(module), fn)(cfg)
-        print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+        if is_main():
+            print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
 
     return cmd
 
@@ -308,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="", help="results folder (default: <train.out_dir>/eval/<benchmark>)")
     ev.set_defaults(fn=cmd_eval)
-    with_config(sub.add_parser("rlvr", help="GRPO with unit-test rewards from the sandbox")).set_defaults(fn=run_job("ra3_jax.algorithms.rlvr:rlvr"))
-    with_config(sub.add_parser("rlpt", help="RL on pre-training data: next-segment prediction (ASR/MSR) with GRPO")).set_defaults(fn=run_job("ra3_jax.algorithms.rlpt:rlpt"))
+    with_config(sub.add_parser("rlvr", help="GRPO with unit-test rewards from the sandbox")).set_defaults(fn=run_job("ra3_jax.algorithms.rlvr:rlvr", multi_process=True))
+    with_config(sub.add_parser("rlpt", help="RL on pre-training data: next-segment prediction (ASR/MSR) with GRPO")).set_defaults(fn=run_job("ra3_jax.algorithms.rlpt:rlpt", multi_process=True))
     rp = sub.add_parser("report", help="PNG curves + Markdown table from run directories (metrics.jsonl)")
     rp.add_argument("runs", nargs="+", help="run directories (train.out_dir of rlvr / training runs)")
     rp.add_argument("--out", required=True, help="folder for the PNGs and report.md")

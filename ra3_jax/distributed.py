@@ -129,8 +129,8 @@ def require_single_process(what: str) -> None:
     if jax.process_count() > 1:
         raise DistributedError(
             f"{what} runs in one process (all of its local devices, any mesh); this run has {jax.process_count()} "
-            "processes. Multi-process runs cover pretrain, midtrain-ntp and eval-loss; start it with "
-            "distributed.mode=off on one host."
+            "processes. Multi-process runs cover pretrain, midtrain-ntp, eval-loss, compile-check, rlvr and rlpt; "
+            "start it with distributed.mode=off on one host."
         )
 
 
@@ -179,6 +179,29 @@ def allgather_json(obj) -> list:
     buf[: raw.size] = raw
     allbuf = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
     return [json.loads(bytes(allbuf[i, : sizes[i]]).decode("utf-8")) for i in range(len(sizes))]
+
+
+def fetch(tree):
+    """Host (numpy) copies of a tree of jax.Arrays on every process, gathering the shards other processes hold."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
+def put_global(host_tree, shardings):
+    """Global jax.Arrays from host data that every process holds in full (each process places its shards)."""
+
+    def one(x, sh):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    return jax.tree.map(one, host_tree, shardings)
 
 
 def sync(name: str) -> None:

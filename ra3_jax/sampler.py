@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ra3_jax.distributed import fetch
 from ra3_jax.model.llama import KVCache, LlamaConfig, forward
 
 STOP_LENGTH, STOP_EOS, STOP_STRING = 0, 1, 2
@@ -271,13 +272,13 @@ class Sampler:
         out = generate(self.params, toks, lens, key, ftoks, flens, dfa, accept, self.tok_bytes, self.tok_len, cfg=self.cfg,
                        sampling=sampling, max_new_tokens=N, num_samples=num_samples, eos_ids=self.eos_ids, pad_id=pad,
                        valid_vocab=self.valid_vocab)  # fmt: skip
+        out = fetch(out)  # host copies (in a multi-process run, gathered from every process)
         if N != max_new_tokens:  # trim the bucket back to what was asked for
-            out = jax.device_get(out)
             over = out.lengths > max_new_tokens
             out = SampleOutput(tokens=out.tokens[:, :max_new_tokens], lengths=np.minimum(out.lengths, max_new_tokens),
                                logprobs=out.logprobs[:, :max_new_tokens], logprobs_processed=out.logprobs_processed[:, :max_new_tokens],
                                stop_reason=np.where(over, STOP_LENGTH, out.stop_reason))  # fmt: skip
-        return jax.device_get(out)
+        return out
 
     def complete(self, prompts: Sequence[str], *, max_new_tokens: int = 128, sampling: SamplingParams = SamplingParams(),
                  key=None, num_samples: int = 1, stop_strings: Sequence[str] = ()) -> list[Completion]:  # fmt: skip

@@ -344,3 +344,24 @@ def test_export_hf_round_trip_logit_parity(kind, tmp_path):
         assert np.abs(rb - ref).max() < 0.1 * np.abs(ref).max()
         with pytest.raises(CheckpointError, match="not empty"):
             export_hf(src, out)
+
+
+def test_rlvr_two_processes_match_one(tmp_path, overrides):
+    """GRPO (ra3 rlvr) as 2 processes x 2 devices: the same rollouts, rewards and updates as 1 process x 4 devices
+    (sampler outputs gathered from both processes, rollout rows placed per process)."""
+    tasks = tmp_path / "tasks.jsonl"
+    with open(tasks, "w") as f:  # passes unless the sampled comment runs into a new (random, broken) line
+        for i in range(4):
+            f.write(json.dumps({"task_id": f"t/{i}", "prompt": f"x = {i} #", "test": f"assert x == {i}\n"}) + "\n")
+    args = ["rlvr", "--config", TINY, *overrides, "mesh.data=4", f"rlvr.tasks_file={tasks}", "rlvr.prompts_per_step=4",
+            "rlvr.group_size=4", "rlvr.max_new_tokens=8", "rlvr.eval_benchmarks=[]", "train.steps=3", "train.ckpt_every=3",
+            "train.eval_every=0", "optim.lr=1e-2"]  # fmt: skip
+    _ok(_ra3([*args, f"train.out_dir={tmp_path / 'one'}"], _env(4)), "1-process rlvr")
+    _two_processes([*args, f"train.out_dir={tmp_path / 'two'}"])
+    rows = {d: [json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two")}
+    assert [r["step"] for r in rows["one"]] == [1, 2, 3] == [r["step"] for r in rows["two"]]
+    assert any(0 < r["reward"] < 1 for r in rows["one"]) and any(r["grad_norm"] > 0 for r in rows["one"])  # a real update
+    for a, b in zip(rows["one"], rows["two"]):
+        assert a["reward"] == b["reward"] and a["response_len"] == b["response_len"]  # identical rollouts
+        for k in ("grad_norm", "entropy", "loss"):
+            assert abs(a[k] - b[k]) <= 2e-5 * max(abs(a[k]), 1e-3), (k, a[k], b[k])

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ra3_jax import sharding
 from ra3_jax.algorithms.rlvr import GRPOTrainer
+from ra3_jax.distributed import put_global
 from ra3_jax.config import RunConfig
 from ra3_jax.data.code_benchmarks import benchmark_dir
 from ra3_jax.data.corpus import build_corpus
@@ -177,6 +179,7 @@ class RLPTTrainer(GRPOTrainer):
                 masks.append([0] * len(p) + [1] * len(y))
             rows, m = pad_rows(seqs, bucket(max(len(x) for x in seqs) - 1), self.tokenizer.pad_id, {"y": masks})
             batch = {**rows, "mask": m["y"]}
+            batch = put_global(batch, {k: sharding.replicated(self.mesh) for k in batch})  # (one process or several)
             params, opt, loss = step(params, opt, batch)
             self.sft_losses.append(float(loss))
         log.info("cold-start SFT: %d steps, last loss %.4f", v.sft_steps, float(loss))

@@ -37,6 +37,7 @@ from ra3_jax.objectives.ntp import token_logprobs
 from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient_loss
 from ra3_jax.sampler import Sampler, SamplingParams, bucket
 from ra3_jax.train.checkpoint import RunCheckpointer
+from ra3_jax.distributed import put_global
 from ra3_jax.train.loop import (FAULT_ENV, MetricsWriter, TrainingError, check_vocab, is_main_process, make_run_mesh,
                                 raise_if_nonfinite, resolve_tokenizer, write_run_metadata)
 from ra3_jax.train.state import (TrainState, abstract_state, create_state, learning_rate_schedule, make_optimizer,
@@ -267,7 +268,7 @@ class GRPOTrainer:
         rows["rewards"] = rewards
         rows["adv_weight"] = weights
         rows["old_logp"] = np.zeros_like(rows["resp_mask"])
-        batch = jax.device_put(rows, self.b_shard)
+        batch = put_global(rows, self.b_shard)  # every process holds all rows and places its shards
         if self.v.updates_per_batch > 1:
             batch["old_logp"] = self._old_logp(self.state.params, batch)
         ms = []
@@ -344,7 +345,8 @@ class GRPOTrainer:
             generate = sampler_generate(self.sampler, greedy, max_new_tokens, fmt.stops)
             rep = evaluate_model(generate, tasks, fmt, sandbox, n_samples=1, temperature=0.0, ks=(1,),
                                  batch_tasks=self.v.prompts_per_step,
-                                 out_dir=os.path.join(self.out_dir, "eval", f"step_{step}", name.replace("+", "_plus")),
+                                 out_dir=os.path.join(self.out_dir, "eval", f"step_{step}", name.replace("+", "_plus"))
+                                 if is_main_process() else None,
                                  progress=False)  # fmt: skip
             res[f"eval/{name}/pass@1"] = rep.pass_at[1]
         return res

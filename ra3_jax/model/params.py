@@ -90,5 +90,8 @@ def init_params(cfg: LlamaConfig, key: jax.Array, mesh: Mesh | None = None):
 
 
 def shard_params(params, cfg: LlamaConfig, mesh: Mesh):
-    """Place host/one-device params (e.g. just converted) onto the mesh per the rules table."""
-    return jax.device_put(params, param_shardings(cfg, mesh))
+    """Place host params (e.g. just converted; every process holds them in full) onto the mesh per the rules
+    table; each process places its own shards, so this also works when the mesh spans several processes."""
+    from ra3_jax.distributed import put_global
+
+    return put_global(params, param_shardings(cfg, mesh))
