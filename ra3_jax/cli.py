@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("pretrain", help="NTP training from random init")).set_defaults(fn=lambda a: cmd_train(a, "pretrain"))
     with_config(sub.add_parser("midtrain-ntp", help="NTP continued training of a real model")).set_defaults(fn=lambda a: cmd_train(a, "midtrain-ntp"))
-    with_config(sub.add_parser("midtrain-ra3", help="RA3 EM mid-training (E-step latent discovery + M-step NTP)")).set_defaults(fn=run_job("ra3_jax.algorithms.ra3:midtrain_ra3"))
+    with_config(sub.add_parser("midtrain-ra3", help="RA3 EM mid-training (E-step latent discovery + M-step NTP)")).set_defaults(fn=run_job("ra3_jax.algorithms.ra3:midtrain_ra3", multi_process=True))
     sl = sub.add_parser("show-latents", help="print bootstrapped documents with their inserted rationales")
     sl.add_argument("run", help="a midtrain-ra3 run directory (train.out_dir)")
     sl.add_argument("--iteration", type=int, default=None, help="EM iteration (default: the last written)")

@@ -129,8 +129,8 @@ def require_single_process(what: str) -> None:
     if jax.process_count() > 1:
         raise DistributedError(
             f"{what} runs in one process (all of its local devices, any mesh); this run has {jax.process_count()} "
-            "processes. Multi-process runs cover pretrain, midtrain-ntp, eval-loss, compile-check, rlvr and rlpt; "
-            "start it with distributed.mode=off on one host."
+            "processes. Multi-process runs cover pretrain, midtrain-ntp, midtrain-ra3, eval-loss, compile-check, rlvr "
+            "and rlpt; start this one with distributed.mode=off on one host."
         )
 
 

@@ -365,3 +365,24 @@ def test_rlvr_two_processes_match_one(tmp_path, overrides):
         assert a["reward"] == b["reward"] and a["response_len"] == b["response_len"]  # identical rollouts
         for k in ("grad_norm", "entropy", "loss"):
             assert abs(a[k] - b[k]) <= 2e-5 * max(abs(a[k]), 1e-3), (k, a[k], b[k])
+
+
+def test_ra3_two_processes_match_one(tmp_path, overrides):
+    """RA3 EM (E-step sampling, scoring, policy update, bootstrap corpus written by process 0, M-step) as 2
+    processes gives the 1-process ELBO metrics and M-step losses."""
+    ra3_cfg = os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml")
+    args = ["midtrain-ra3", "--config", ra3_cfg, *overrides, "mesh.data=4", "data.process_split=rows", "ra3.iterations=1",
+            "ra3.docs_per_iteration=8", "ra3.mstep_steps=3", "ra3.eval_docs=2", "train.ckpt_every=3"]  # fmt: skip
+    _ok(_ra3([*args, f"train.out_dir={tmp_path / 'one'}"], _env(4)), "1-process RA3")
+    _two_processes([*args, f"train.out_dir={tmp_path / 'two'}"])
+    em = {d: [json.loads(x) for x in open(tmp_path / d / "ra3_metrics.jsonl")] for d in ("one", "two")}
+    assert [r["iteration"] for r in em["one"]] == [-1, 0] == [r["iteration"] for r in em["two"]]
+    assert em["one"][1]["estep/accepted_fraction"] > 0  # latents were accepted and inserted
+    for a, b in zip(em["one"], em["two"]):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            if k.startswith(("estep/", "eval/")) and not k.endswith("seconds") and "per_s" not in k:
+                assert abs(a[k] - b[k]) <= 1e-4 * max(abs(a[k]), 1.0), (k, a[k], b[k])
+    (la, _, ga), (lb, _, gb) = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    _close(la, lb)
+    _close(ga, gb)

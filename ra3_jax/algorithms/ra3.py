@@ -40,12 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ra3_jax import sharding
+from ra3_jax import distributed, sharding
 from ra3_jax.config import RunConfig
 from ra3_jax.data.boundaries import find_boundaries, indentation, split_steps
 from ra3_jax.data.bootstrap import BootstrapRecord, is_complete, make_bootstrap_dataset, write_bootstrap
 from ra3_jax.data.corpus import build_corpus
 from ra3_jax.data.pipeline import pad_rows
+from ra3_jax.distributed import fetch, put_global
 from ra3_jax.model.llama import LlamaConfig
 from ra3_jax.model.params import param_shardings
 from ra3_jax.model.store import load_model
@@ -54,8 +55,9 @@ from ra3_jax.objectives.ntp import token_logprobs
 from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient_loss
 from ra3_jax.sampler import Sampler, SamplingParams, bucket
 from ra3_jax.train.checkpoint import RunCheckpointer
-from ra3_jax.train.loop import (FAULT_ENV, MetricsWriter, TrainingError, check_vocab, global_batch, is_main_process,
-                                make_run_mesh, raise_if_nonfinite, resolve_tokenizer, write_run_metadata)  # fmt: skip
+from ra3_jax.train.loop import (FAULT_ENV, MetricsWriter, TrainingError, check_vocab, data_state_to_save, global_batch,
+                                is_main_process, make_run_mesh, raise_if_nonfinite, resolve_tokenizer, restore_data_state,
+                                write_run_metadata)  # fmt: skip
 from ra3_jax.train.state import TrainState, abstract_state, create_state, make_optimizer, state_shardings
 from ra3_jax.train.step import jit_train_step
 
@@ -299,7 +301,7 @@ class LatentProposer:
         batch = {f"lat_{k}": v for k, v in lat.items()} | {f"con_{k}": v for k, v in con.items()}
         batch |= {"lat_z_mask": lm["z"], "lat_hor_mask": lm["hor"], "con_hor_mask": cm["hor"]}
         bs = sharding.batch_sharding(self.mesh, 2)
-        return {k: jax.device_put(v, bs) for k, v in batch.items()}, Lp
+        return put_global(batch, {k: bs for k in batch}), Lp
 
     def update_fn(self, Lp: int):
         if Lp not in self._update:
@@ -329,7 +331,7 @@ class LatentProposer:
             policy_state, out = self.update_fn(Lp)(policy_state, model_params, batch)
         else:
             out = self.score_fn()(model_params, batch)
-        out = jax.device_get(out)
+        out = fetch(out)
         n = len(cands)
         R = self.rewards(out, n)
         accepted, lat_len = 0, 0
@@ -341,7 +343,7 @@ class LatentProposer:
                 accepted += 1
                 lat_len += len(groups[i][g]["tokens"])
         generated = sum(z["generated"] for g in groups for z in g)
-        scored = int(sum(int(np.asarray(batch[k]).astype(bool).sum()) for k in ("lat_segment_ids", "con_segment_ids")))
+        scored = int(sum(int(fetch(batch[k]).astype(bool).sum()) for k in ("lat_segment_ids", "con_segment_ids")))
         finite = np.isfinite(R)
         stats = {
             "candidates": n, "accepted": accepted, "latent_tokens": lat_len,
@@ -361,7 +363,7 @@ class LatentProposer:
             chunk = seqs[i: i + rows]
             L = bucket(max(len(s) for s in chunk) - 1)
             b, _ = pad_rows(chunk + [[0, 0]] * (rows - len(chunk)), L, self.tokenizer.pad_id, {})
-            lp = np.asarray(jax.device_get(self._seq_lp(params, b)))
+            lp = fetch(self._seq_lp(params, b))
             out += [lp[j, : len(s) - 1] for j, s in enumerate(chunk)]
         return out
 
@@ -582,6 +584,7 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
                         state = TrainState(step=state.step, params=policy_params, opt_state=state.opt_state)
                 if is_main_process():
                     write_bootstrap(bdir, _records(docs, latents, tokenizer, k, g), {"iteration": k, "baseline": r.baseline})
+                distributed.sync(f"ra3-bootstrap-{k}")  # the other processes read the corpus process 0 wrote
                 stats["estep_seconds"] = time.perf_counter() - t_e
             else:
                 stats = _read_estep_stats(it_dir)
@@ -589,18 +592,20 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
                     state = TrainState(step=state.step, params=_final_policy_params(proposer, it_dir), opt_state=state.opt_state)
             # ---- M-step
             t_m = time.perf_counter()
-            per_proc = cfg.data.batch_size // jax.process_count()
-            ds = make_bootstrap_dataset(bdir, seq_len=cfg.data.seq_len, batch_size=per_proc, seed=cfg.data.shuffle_seed + k,
-                                        mask_latents=r.mask_latents, shard_index=jax.process_index(), shard_count=jax.process_count())  # fmt: skip
+            B = cfg.data.batch_size
+            lo, hi, shard, count = distributed.data_shard(mesh, B)
+            split = dict(batch_size=B, rows=(lo, hi)) if count > 1 and cfg.data.process_split == "rows" else \
+                dict(batch_size=hi - lo, shard_index=shard, shard_count=count)  # fmt: skip
+            ds = make_bootstrap_dataset(bdir, seq_len=cfg.data.seq_len, seed=cfg.data.shuffle_seed + k, mask_latents=r.mask_latents, **split)
             it = iter(ds)
             if data_state is not None and g > k * r.mstep_steps:
-                it.set_state(data_state)
+                restore_data_state(it, data_state, cfg, g)
             data_state = None
             prog = _progress(cfg, r.mstep_steps, f"M-step {k}", initial=g - k * r.mstep_steps)
             m_tokens, last = 0.0, {}
             try:
                 for step in range(g + 1, (k + 1) * r.mstep_steps + 1):
-                    state, m = step_fn(state, global_batch(next(it), mesh))
+                    state, m = step_fn(state, global_batch(next(it), mesh, B))
                     end = step == (k + 1) * r.mstep_steps
                     if step % cfg.train.log_every == 0 or step % cfg.train.ckpt_every == 0 or end:
                         m = {kk: float(v) for kk, v in jax.device_get(m).items()}
@@ -611,7 +616,7 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
                         if prog is not None:
                             prog.set_postfix(loss=f"{m['loss']:.4f}")
                     if step % cfg.train.ckpt_every == 0 or end:
-                        ckpt.save(step, state, it.get_state(), {"step": step, "iteration": k, "mode": "ra3-baseline" if r.baseline else "ra3"})
+                        ckpt.save(step, state, data_state_to_save(it, cfg), {"step": step, "iteration": k, "mode": "ra3-baseline" if r.baseline else "ra3"})
                     if prog is not None:
                         prog.update(1)
                     g = step

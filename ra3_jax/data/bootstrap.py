@@ -117,11 +117,11 @@ def _finalize(batch):
 
 def make_bootstrap_dataset(directory: str, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
                            num_epochs: int | None = None, mask_latents: bool = False, shard_index: int = 0,
-                           shard_count: int = 1) -> grain.IterDataset:  # fmt: skip
+                           shard_count: int = 1, rows: tuple[int, int] | None = None) -> grain.IterDataset:  # fmt: skip
     """Grain pipeline over a bootstrap corpus: decode -> concat-then-split pack -> batch (same keys as NTP)."""
     src = open_bootstrap(directory)
     if len(src) == 0:
         raise ValueError(f"empty bootstrap corpus in {directory}")
     return packed_batches(src, DecodeForTraining(mask_latents), ("inputs", "targets", "weights"), _finalize, seq_len=seq_len,
                           batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index,
-                          shard_count=shard_count)  # fmt: skip
+                          shard_count=shard_count, rows=rows)  # fmt: skip
