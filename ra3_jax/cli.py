@@ -25,15 +25,17 @@ def _known_errors():
     return (DistributedError, BenchmarkError, SandboxError, ReportError, ConfigError, CorpusError, CheckpointError, TokenizerError, TrainingError, CheckpointIOError, FileNotFoundError, ValueError)
 
 
+def _overrides(args) -> list[str]:
+    """The command line's section.key=value overrides; ``--mesh NAME`` is ``mesh.name=NAME``."""
+    return list(args.overrides) + ([f"mesh.name={args.mesh}"] if getattr(args, "mesh", None) else [])
+
+
 def _cfg(args, *, multi_process: bool = False):
     """Read the config; connect the processes of a multi-process run (before any JAX computation)."""
     from ra3_jax import distributed
     from ra3_jax.config import load_config
 
-    overrides = list(args.overrides)
-    if getattr(args, "mesh", None):
-        overrides.append(f"mesh.name={args.mesh}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, _overrides(args))
     if distributed.initialize(cfg.distributed):
         if not distributed.is_main_process():
             logging.getLogger().setLevel(logging.ERROR)  # logs and progress come from process 0
@@ -52,9 +54,9 @@ def cmd_train(args, mode):
 
 
 def is_main() -> bool:
-    import jax
+    from ra3_jax.distributed import is_main_process
 
-    return jax.process_index() == 0
+    return is_main_process()
 
 
 def run_job(target: str, *, multi_process: bool = False):
@@ -131,7 +133,7 @@ def cmd_compile_check(args):
     from ra3_jax.train.compile_check import compile_check, format_report, simulate_devices
 
     if args.simulate_on_cpu:
-        m = load_config(args.config, args.overrides + ([f"mesh.name={args.mesh}"] if args.mesh else [])).mesh
+        m = load_config(args.config, _overrides(args)).mesh  # (read before JAX starts: it sets the device count)
         if m.name:
             n = load_mesh_file(m.name)["devices"]
         elif -1 in (m.data, m.fsdp, m.tensor):

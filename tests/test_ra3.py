@@ -193,7 +193,7 @@ def test_estep_scores_match_naive_horizon_likelihoods(tiny_setup):
     cands = [proposer.candidate(docs, 0, 2, prior), proposer.candidate(docs, 0, 0, {})]
     zs = ["# thought: add one", "# thought: x", "# thought: return the value of c"]
     groups = [[{"tokens": tok.encode(c.indent + z + "\n"), "text": z, "generated": 1} for z in zs] for c in cands]
-    batch, _ = proposer.batch_arrays(cands, groups)
+    batch, _, _ = proposer.batch_arrays(cands, groups)
     out = jax.device_get(proposer.score_fn()(params, batch))
     for i, c in enumerate(cands):
         naive_c = _naive_logprobs(params, mcfg, c.ctx + c.horizon)[len(c.ctx) - 1:].sum()

@@ -56,7 +56,8 @@ from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient
 from ra3_jax.sampler import Sampler, SamplingParams, bucket
 from ra3_jax.train.checkpoint import RunCheckpointer
 from ra3_jax.train.loop import (FAULT_ENV, MetricsWriter, TrainingError, check_vocab, data_state_to_save, global_batch,
-                                is_main_process, make_run_mesh, raise_if_nonfinite, resolve_tokenizer, restore_data_state,
+                                is_main_process, make_run_mesh, process_split_kwargs, raise_if_nonfinite, resolve_tokenizer,
+                                restore_data_state,
                                 write_run_metadata)  # fmt: skip
 from ra3_jax.train.state import TrainState, abstract_state, create_state, make_optimizer, state_shardings
 from ra3_jax.train.step import jit_train_step
@@ -278,7 +279,8 @@ class LatentProposer:
         return res
 
     def batch_arrays(self, cands: list[Candidate], groups: list[list[dict]]):
-        """Padded device batch for scoring (+ the static policy-view length Lp)."""
+        """Padded device batch for scoring, the static policy-view length Lp, and the number of scored (real)
+        tokens."""
         lat_seqs, lat_z, lat_h, con_seqs, con_h = [], [], [], [], []
         for c, group in zip(cands, groups):
             for z in group:
@@ -300,8 +302,9 @@ class LatentProposer:
         con, cm = pad_rows(con_seqs, L, self.tokenizer.pad_id, {"hor": con_h})
         batch = {f"lat_{k}": v for k, v in lat.items()} | {f"con_{k}": v for k, v in con.items()}
         batch |= {"lat_z_mask": lm["z"], "lat_hor_mask": lm["hor"], "con_hor_mask": cm["hor"]}
+        scored = int(sum(int(batch[k].astype(bool).sum()) for k in ("lat_segment_ids", "con_segment_ids")))
         bs = sharding.batch_sharding(self.mesh, 2)
-        return put_global(batch, {k: bs for k in batch}), Lp
+        return put_global(batch, {k: bs for k in batch}), Lp, scored
 
     def update_fn(self, Lp: int):
         if Lp not in self._update:
@@ -326,7 +329,7 @@ class LatentProposer:
         t0 = time.perf_counter()
         policy_params = policy_state.params if policy_state is not None else model_params
         groups = self.propose(policy_params, cands, key)
-        batch, Lp = self.batch_arrays(cands, groups)
+        batch, Lp, scored = self.batch_arrays(cands, groups)
         if policy_state is not None:
             policy_state, out = self.update_fn(Lp)(policy_state, model_params, batch)
         else:
@@ -343,7 +346,6 @@ class LatentProposer:
                 accepted += 1
                 lat_len += len(groups[i][g]["tokens"])
         generated = sum(z["generated"] for g in groups for z in g)
-        scored = int(sum(int(fetch(batch[k]).astype(bool).sum()) for k in ("lat_segment_ids", "con_segment_ids")))
         finite = np.isfinite(R)
         stats = {
             "candidates": n, "accepted": accepted, "latent_tokens": lat_len,
@@ -593,10 +595,8 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
             # ---- M-step
             t_m = time.perf_counter()
             B = cfg.data.batch_size
-            lo, hi, shard, count = distributed.data_shard(mesh, B)
-            split = dict(batch_size=B, rows=(lo, hi)) if count > 1 and cfg.data.process_split == "rows" else \
-                dict(batch_size=hi - lo, shard_index=shard, shard_count=count)  # fmt: skip
-            ds = make_bootstrap_dataset(bdir, seq_len=cfg.data.seq_len, seed=cfg.data.shuffle_seed + k, mask_latents=r.mask_latents, **split)
+            ds = make_bootstrap_dataset(bdir, seq_len=cfg.data.seq_len, seed=cfg.data.shuffle_seed + k, mask_latents=r.mask_latents,
+                                        **process_split_kwargs(cfg, mesh))  # fmt: skip
             it = iter(ds)
             if data_state is not None and g > k * r.mstep_steps:
                 restore_data_state(it, data_state, cfg, g)

@@ -83,12 +83,15 @@ class _RowSlice(grain.transforms.Map):
     hi: int
 
     def map(self, batch):
-        out = {}
-        for k, v in batch.items():
-            if v.shape[0] < self.batch_size:
-                v = np.concatenate([v, np.zeros((self.batch_size - v.shape[0],) + v.shape[1:], v.dtype)])
-            out[k] = v[self.lo : self.hi]
-        return out
+        return {k: v[self.lo : self.hi] for k, v in pad_batch(batch, self.batch_size).items()}
+
+
+def pad_batch(batch: dict, batch_size: int) -> dict:
+    """A (last, partial) batch of arrays padded to ``batch_size`` rows with empty (all-zero) rows."""
+    n = next(iter(batch.values())).shape[0]
+    if n == batch_size:
+        return batch
+    return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
 
 
 def pad_rows(seqs: list[list[int]], length: int, pad: int, masks: dict[str, list[list[int]]]):

@@ -19,7 +19,7 @@ import numpy as np
 from ra3_jax import distributed, meshes, sharding
 from ra3_jax.config import RunConfig, dump_config
 from ra3_jax.data.corpus import build_corpus
-from ra3_jax.data.pipeline import make_dataset
+from ra3_jax.data.pipeline import make_dataset, pad_batch
 from ra3_jax.model.convert import resolve_model_path
 from ra3_jax.model.params import param_shardings
 from ra3_jax.model.store import load_model, save_model_config
@@ -43,20 +43,24 @@ def make_run_mesh(cfg: RunConfig):
     return meshes.make_run_mesh(cfg.mesh)
 
 
-def process_dataset(source, tokenizer, cfg: RunConfig, mesh, *, split: str | None = None, **kw):
-    """This process's part of the global batch stream (``data.batch_size`` rows per step over all processes).
+def process_split_kwargs(cfg: RunConfig, mesh) -> dict:
+    """Batch size and sharding arguments of this process's part of the global batch stream (``data.batch_size``
+    rows per step over all processes), for ``make_dataset`` / ``packed_batches`` pipelines.
 
-    ``split`` (default ``data.process_split``): ``records`` gives each distinct row block of the mesh its own
-    shard of the records; ``rows`` has every process read the global stream and keep its rows."""
+    ``data.process_split``: ``records`` gives each distinct row block of the mesh its own shard of the records;
+    ``rows`` has every process read the global stream and keep its rows."""
     B = cfg.data.batch_size
     lo, hi, shard, count = distributed.data_shard(mesh, B)
-    split = split or cfg.data.process_split
-    common = dict(seq_len=cfg.data.seq_len, **kw)
     if count == 1:
-        return make_dataset(source, tokenizer, batch_size=B, **common)
-    if split == "rows":
-        return make_dataset(source, tokenizer, batch_size=B, rows=(lo, hi), **common)
-    return make_dataset(source, tokenizer, batch_size=hi - lo, shard_index=shard, shard_count=count, **common)
+        return dict(batch_size=B)
+    if cfg.data.process_split == "rows":
+        return dict(batch_size=B, rows=(lo, hi))
+    return dict(batch_size=hi - lo, shard_index=shard, shard_count=count)
+
+
+def process_dataset(source, tokenizer, cfg: RunConfig, mesh, **kw):
+    """This process's part of the global token batch stream (see ``process_split_kwargs``)."""
+    return make_dataset(source, tokenizer, seq_len=cfg.data.seq_len, **process_split_kwargs(cfg, mesh), **kw)
 
 
 def data_state_to_save(data_iter, cfg: RunConfig) -> dict:
@@ -140,13 +144,6 @@ def raise_if_nonfinite(m: dict, step: int, last_good: int | None, out_dir: str, 
     )
 
 
-def _pad_batch(b: dict, batch_size: int) -> dict:
-    n = b["inputs"].shape[0]
-    if n == batch_size:
-        return b
-    return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-
-
 def evaluate(params, eval_fn, source, tokenizer, cfg: RunConfig, mesh, token_bytes: np.ndarray) -> dict:
     """Held-out loss (nats/token) and bits per byte over the first ``train.eval_batches`` batches (0 = all)."""
     # Every process reads the same global validation batches and feeds its rows: the same number of steps on
@@ -158,7 +155,7 @@ def evaluate(params, eval_fn, source, tokenizer, cfg: RunConfig, mesh, token_byt
     for i, b in enumerate(ds):
         if cfg.train.eval_batches and i >= cfg.train.eval_batches:
             break
-        b = _pad_batch(b, B)
+        b = pad_batch(b, B)
         m = jax.device_get(eval_fn(params, global_batch({k: v[lo:hi] for k, v in b.items()}, mesh, B)))
         nll += float(m["nll_sum"])
         ntok += float(m["tokens"])
