@@ -225,8 +225,9 @@ def cmd_eval(args):
     tasks = tasks[: args.limit] if args.limit else tasks
     fmt = PromptFormat.create(args.benchmark, args.mbpp_style, data_dir=data_dir)
     base = DEFAULT_LIMITS[args.benchmark]
-    limits = Limits(timeout_s=args.timeout or base.timeout_s, memory_mb=base.memory_mb)
-    sandbox = Sandbox(limits, workers=args.workers)
+    # --timeout: one wall limit (CPU limit + 1 s) for every program; by default each task gets task_limits.
+    limits = Limits(timeout_s=args.timeout, memory_mb=base.memory_mb) if args.timeout else None
+    sandbox = Sandbox(limits or base, workers=args.workers)
     if args.canonical:  # harness self-check: the reference solutions instead of a model
         by_prompt = {fmt.prompt(t): t for t in tasks}
 
@@ -243,7 +244,7 @@ def cmd_eval(args):
 
     out = args.out or os.path.join(cfg.train.out_dir, "eval", args.benchmark.replace("+", "_plus"))
     rep = evaluate_model(generate, tasks, fmt, sandbox, n_samples=args.n_samples, temperature=args.temperature,
-                         ks=tuple(args.k), batch_tasks=args.batch_tasks, out_dir=out)  # fmt: skip
+                         ks=tuple(args.k), batch_tasks=args.batch_tasks, out_dir=out, limits=limits)  # fmt: skip
     print(rep.table())
     print(json.dumps({"out": os.path.abspath(out), "pass_at": rep.pass_at, "status": rep.status_counts,
                       "sample_s": round(rep.sample_s, 2), "check_s": round(rep.check_s, 2),
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0, help="first N tasks only")
     ev.add_argument("--batch-tasks", type=int, default=8, help="prompts per sampler call (x n-samples rows)")
     ev.add_argument("--workers", type=int, default=2, help="sandbox processes in parallel")
-    ev.add_argument("--timeout", type=float, default=0, help="seconds per program (default: per benchmark)")
+    ev.add_argument("--timeout", type=float, default=0, help="seconds per program, every task (default: per benchmark and task, see task_limits)")
     ev.add_argument("--canonical", action="store_true", help="check the reference solutions (harness self-test)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="", help="results folder (default: <train.out_dir>/eval/<benchmark>)")

@@ -5,8 +5,8 @@ import re
 import pytest
 
 from ra3_jax.data.code_benchmarks import BenchmarkError, load_benchmark, read_tasks
-from ra3_jax.evaluation.code_eval import (DEFAULT_LIMITS, PromptFormat, check_completions, cut_at_stops,
-                                          evaluate_model)
+from ra3_jax.evaluation.code_eval import (DEFAULT_LIMITS, REFERENCE_CPU_S, REFERENCE_FACTOR, PromptFormat,
+                                          check_completions, cut_at_stops, evaluate_model, task_limits)
 from ra3_jax.execution import Sandbox
 
 EXPECTED = {"humaneval": 164, "humaneval+": 164, "mbpp": 974, "mbpp_sanitized": 427, "mbpp+": 378}
@@ -123,3 +123,18 @@ def test_evaluate_model_pass_at_k(tfds_dir, sandbox, tmp_path, shared_data):
     assert sum(1 for _ in open(tmp_path / "results.jsonl")) == 16
     assert "| humaneval | 4 | 4 | 0.8 |" in rep.table()
     assert DEFAULT_LIMITS["mbpp+"].timeout_s >= 60
+
+
+def test_task_limits_scale_with_the_reference(tfds_dir, shared_data):
+    # "+" budgets are CPU seconds (a loaded machine stretches wall time, not CPU time), raised per task to 4x the
+    # reference's CPU time where that is more: MBPP+/599's reference spends ~35 s.
+    for name, refs in REFERENCE_CPU_S.items():
+        ids = {t["task_id"] for t in load_benchmark(name, data_dir=shared_data, tfds_dir=tfds_dir)}
+        assert set(refs) <= ids, set(refs) - ids  # a stale table would silently give the default budget
+    base = DEFAULT_LIMITS["mbpp+"]
+    assert base.resolved()["cpu_s"] == 60 and base.timeout_s >= 3 * 60
+    assert task_limits("mbpp+", "Mbpp/2") == base and task_limits("mbpp+", "Mbpp/392") == base  # 4 x 7.9 < 60
+    big = task_limits("mbpp+", "Mbpp/599")
+    assert big.cpu_s == 142 == int(-(-REFERENCE_FACTOR * 35.3 // 1)) and big.timeout_s == 3 * 142
+    assert big.memory_mb == base.memory_mb
+    assert task_limits("humaneval", "HumanEval/15") == DEFAULT_LIMITS["humaneval"] and task_limits("mine", "x") is None

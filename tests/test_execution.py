@@ -88,6 +88,16 @@ def test_infinite_loop_killed_on_time(sandbox):
     assert r.status == "timeout"
 
 
+def test_run_many_per_job_limits(sandbox):
+    # One call, one limit per job: the same 1.5 CPU-second spin passes under a 4 s CPU budget and is stopped by
+    # a 1 s one; identical programs under different limits are separate jobs (and separate cache entries).
+    spin = Job("import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass\n")
+    rs = sandbox.run_many([spin, spin, Job("x = 1")], limits=[Limits(timeout_s=12, cpu_s=4), Limits(timeout_s=12, cpu_s=1), None])
+    assert [r.status for r in rs] == ["passed", "cpu_limit", "passed"], rs
+    with pytest.raises(ValueError, match="2 jobs but 1 limits"):
+        sandbox.run_many([spin, spin], limits=[FAST])
+
+
 def _named(comm: str) -> int:
     """Processes on this machine whose name (/proc/<pid>/comm) is ``comm``."""
     n = 0

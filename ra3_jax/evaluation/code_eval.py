@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Callable, Sequence
@@ -22,11 +23,38 @@ from ra3_jax.execution import Job, Limits, Sandbox
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 MBPP_DOCSTRING_STOPS = ('\n"""', "\nassert", "\nif __name__", "\nprint(", "\n```", "\n# Test", "\n# test")
 MBPP_3SHOT_STOPS = ("[DONE]",)
-# Per-benchmark sandbox limits: the "+" checks run hundreds of inputs (MBPP+/255's own reference needs ~3 GB).
+# Per-benchmark sandbox limits. The "+" checks run each task's base and plus inputs in one program (MBPP+/255's
+# own reference needs ~3 GB), so their budget is CPU seconds, which a loaded machine does not inflate; the wall
+# limit (3x) only catches programs that sleep or block.
 DEFAULT_LIMITS = {
     "humaneval": Limits(timeout_s=10), "mbpp": Limits(timeout_s=10), "mbpp_sanitized": Limits(timeout_s=10),
-    "humaneval+": Limits(timeout_s=60, memory_mb=4096), "mbpp+": Limits(timeout_s=60, memory_mb=4096),
+    "humaneval+": Limits(timeout_s=180, cpu_s=60, memory_mb=4096),
+    "mbpp+": Limits(timeout_s=180, cpu_s=60, memory_mb=4096),
 }
+# CPU seconds of the reference solution's check, for the "+" tasks whose reference takes >= 1 s (measured on a
+# 2-core x86 VM by benchmarks/reference_times.py). A task's budget is max(the benchmark's, REFERENCE_FACTOR x
+# this), as evalplus scales its limits by the reference's time (gt_time_limit_factor 4): MBPP+/599's reference
+# alone spends 35 s summing ranges of 1e8.
+REFERENCE_FACTOR = 4.0
+REFERENCE_CPU_S = {
+    "humaneval+": {"HumanEval/15": 10.3, "HumanEval/139": 9.5, "HumanEval/130": 4.2, "HumanEval/83": 3.0,
+                   "HumanEval/36": 2.5, "HumanEval/94": 2.4, "HumanEval/59": 2.3},
+    "mbpp+": {"Mbpp/599": 35.3, "Mbpp/392": 7.9, "Mbpp/255": 6.3, "Mbpp/271": 6.2, "Mbpp/123": 3.9, "Mbpp/603": 3.7,
+              "Mbpp/592": 2.9, "Mbpp/589": 2.7, "Mbpp/300": 2.2, "Mbpp/389": 2.0, "Mbpp/84": 1.7, "Mbpp/583": 1.6,
+              "Mbpp/630": 1.5},
+}
+
+
+def task_limits(benchmark: str, task_id: str) -> Limits | None:
+    """The sandbox limits for one task's check: the benchmark's, with the CPU budget raised to
+    ``REFERENCE_FACTOR`` x the reference solution's CPU time where that is larger (the wall limit kept >= 3x the
+    CPU budget). None for a benchmark without defaults (the sandbox's own limits apply)."""
+    base = DEFAULT_LIMITS.get(benchmark)
+    ref = REFERENCE_CPU_S.get(benchmark, {}).get(task_id)
+    if base is None or ref is None or REFERENCE_FACTOR * ref <= base.resolved()["cpu_s"]:
+        return base
+    cpu = int(math.ceil(REFERENCE_FACTOR * ref))
+    return dataclasses.replace(base, cpu_s=cpu, timeout_s=max(base.timeout_s, 3.0 * cpu))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +148,17 @@ class EvalReport:
 
 def check_completions(tasks: list[dict], completions: list[list[str]], fmt: PromptFormat, sandbox: Sandbox,
                       limits: Limits | None = None, progress: str | None = None):
-    """Runs every completion's check; returns per-sample result rows (task-major)."""
-    jobs, index = [], []
+    """Runs every completion's check; returns per-sample result rows (task-major).
+
+    ``limits`` applies to every program as given; by default each task gets ``task_limits``."""
+    jobs, index, per_job = [], [], []
     for t, comps in zip(tasks, completions):
+        lim = limits or task_limits(fmt.benchmark, t["task_id"])
         for s, c in enumerate(comps):
             jobs.append(fmt.program(t, c))
             index.append((t["task_id"], s, c))
-    results = sandbox.run_many(jobs, limits=limits or DEFAULT_LIMITS.get(fmt.benchmark), progress=progress)
+            per_job.append(lim)
+    results = sandbox.run_many(jobs, limits=per_job, progress=progress)
     return [{"task_id": tid, "sample": s, "completion": c, "passed": r.passed, "status": r.status,
              "detail": r.detail, "cached": r.cached} for (tid, s, c), r in zip(index, results)]
 

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import sys
 import traceback
 
@@ -116,14 +117,18 @@ def _isolate_child(workdir, tmpfs_mb):
     _drop_capabilities()
 
 
-def _set_limits(lim):
-    def setl(res, value):
+def _set_limits(lim, pid1=False):
+    def setl(res, value, grace=0):
         soft, hard = resource.getrlimit(res)
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(res, (value, value))
+        top = value + grace if hard == resource.RLIM_INFINITY else min(value + grace, hard)
+        resource.setrlimit(res, (value, top))
 
     setl(resource.RLIMIT_CORE, 0)
-    setl(resource.RLIMIT_CPU, int(lim["cpu_s"]))
+    # SIGXCPU at the budget (verdict cpu_limit), SIGKILL a second later for a program that catches it. PID 1 of a
+    # namespace never gets a signal it has no handler for, so there SIGKILL comes at the budget, and the runner
+    # outside reports it as SIGXCPU from the job's CPU time.
+    setl(resource.RLIMIT_CPU, int(lim["cpu_s"]), grace=0 if pid1 else 1)
     setl(resource.RLIMIT_FSIZE, int(lim["fsize_mb"]) << 20)
     setl(resource.RLIMIT_NOFILE, int(lim["nofile"]))
     setl(resource.RLIMIT_AS, int(lim["memory_mb"]) << 20)
@@ -190,13 +195,16 @@ def run(job):
     pid = os.fork() if isolated else 0
     if pid:  # the runner outside: wait for PID 1 of the namespace and relay how it ended
         _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
-        _, status = os.waitpid(pid, 0)
-        os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+        _, status, usage = os.wait4(pid, 0)
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        if sig == signal.SIGKILL and usage.ru_utime + usage.ru_stime >= int(job["limits"]["cpu_s"]) - 0.05:
+            sig = signal.SIGXCPU  # the CPU limit's kill (see _set_limits), not the wall-clock one
+        os._exit(128 + sig if sig else os.waitstatus_to_exitcode(status))
     try:
         if isolated:
             _isolate_child(workdir, job["limits"]["tmpfs_mb"])
         os.write(1, f"{job['token']}:isolated={int(isolated)}\n".encode())
-        _set_limits(job["limits"])
+        _set_limits(job["limits"], pid1=isolated)
     except OSError as e:
         sys.stderr.write(f"sandbox setup failed: {e}\n")
         os._exit(98)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 RUNNER = Path(__file__).with_name("_runner.py")
-_VERSION = "1"  # bump when the runner's semantics change (invalidates on-disk caches)
+_VERSION = "2"  # bump when the runner's semantics change (invalidates on-disk caches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,19 +319,26 @@ class Sandbox:
         self.cache.put(key, result)
         return result
 
-    def run_many(self, jobs: Sequence[Job], limits: Limits | None = None, progress: str | None = None
-                 ) -> list[ExecResult]:
-        """Runs ``jobs`` concurrently (identical jobs run once); results in input order."""
-        limits = limits or self.limits
-        keys = [_job_key(j, limits, self.isolation) for j in jobs]
-        unique = {k: j for k, j in zip(keys, jobs)}
+    def run_many(self, jobs: Sequence[Job], limits: Limits | Sequence[Limits | None] | None = None,
+                 progress: str | None = None) -> list[ExecResult]:
+        """Runs ``jobs`` concurrently (identical jobs under identical limits run once); results in input order.
+
+        ``limits``: one ``Limits`` for every job, or one per job (None: the sandbox's)."""
+        if limits is None or isinstance(limits, Limits):
+            per_job = [limits or self.limits] * len(jobs)
+        else:
+            per_job = [lim or self.limits for lim in limits]
+            if len(per_job) != len(jobs):
+                raise ValueError(f"run_many: {len(jobs)} jobs but {len(per_job)} limits")
+        keys = [_job_key(j, lim, self.isolation) for j, lim in zip(jobs, per_job)]
+        unique = {k: (j, lim) for k, j, lim in zip(keys, jobs, per_job)}
         done: dict[str, ExecResult] = {}
         bar = None
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(unique), desc=progress, unit="prog", leave=False)
         ex = self._executor()
-        futs = {ex.submit(self.run, j, "", limits): k for k, j in unique.items()}
+        futs = {ex.submit(self.run, j, "", lim): k for k, (j, lim) in unique.items()}
         for fut in concurrent.futures.as_completed(futs):
             done[futs[fut]] = fut.result()
             if bar:
