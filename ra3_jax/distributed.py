@@ -181,6 +181,24 @@ def allgather_json(obj) -> list:
     return [json.loads(bytes(allbuf[i, : sizes[i]]).decode("utf-8")) for i in range(len(sizes))]
 
 
+def split_work(n: int, fn) -> list:
+    """Items 0..n-1 shared out over the processes (process p takes p, p + P, p + 2P, ...: a group of similar
+    items is spread over all of them); ``fn(indices)`` returns one JSON-serializable result per index. Every
+    process gets all n results, in item order."""
+    P, p = jax.process_count(), jax.process_index()
+    if P == 1:
+        return list(fn(list(range(n))))
+    mine = list(range(p, n, P))
+    local = list(fn(mine))
+    if len(local) != len(mine):
+        raise ValueError(f"split_work: {len(local)} results for {len(mine)} items")
+    out = [None] * n
+    for q, part in enumerate(allgather_json(local)):
+        for i, r in zip(range(q, n, P), part):
+            out[i] = r
+    return out
+
+
 def fetch(tree):
     """Host (numpy) copies of a tree of jax.Arrays on every process, gathering the shards other processes hold."""
 

@@ -363,6 +363,8 @@ def test_rlvr_two_processes_match_one(tmp_path, overrides):
     assert any(0 < r["reward"] < 1 for r in rows["one"]) and any(r["grad_norm"] > 0 for r in rows["one"])  # a real update
     for a, b in zip(rows["one"], rows["two"]):
         assert a["reward"] == b["reward"] and a["response_len"] == b["response_len"]  # identical rollouts
+        # each process ran half of the 16 programs; the rewards above are the gathered whole
+        assert a["sandbox_programs_local"] == 16 and b["sandbox_programs_local"] == 8
         for k in ("grad_norm", "entropy", "loss"):
             assert abs(a[k] - b[k]) <= 2e-5 * max(abs(a[k]), 1e-3), (k, a[k], b[k])
 

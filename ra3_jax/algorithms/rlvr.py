@@ -37,7 +37,7 @@ from ra3_jax.objectives.ntp import token_logprobs
 from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient_loss
 from ra3_jax.sampler import Sampler, SamplingParams, bucket
 from ra3_jax.train.checkpoint import RunCheckpointer
-from ra3_jax.distributed import put_global
+from ra3_jax.distributed import put_global, split_work
 from ra3_jax.train.loop import (FAULT_ENV, MetricsWriter, TrainingError, check_vocab, is_main_process, make_run_mesh,
                                 raise_if_nonfinite, resolve_tokenizer, write_run_metadata)
 from ra3_jax.train.state import (TrainState, abstract_state, create_state, learning_rate_schedule, make_optimizer,
@@ -376,9 +376,16 @@ class RLVRTrainer(GRPOTrainer):
     def score(self, idx, texts, out):
         G = self.v.group_size
         jobs = [self.fmt.program(self.tasks[idx[r // G]], cut_at_stops(texts[r], self.stops)) for r in range(len(texts))]
-        res = self.sandbox.run_many(jobs)
-        rewards = np.array([1.0 if r.passed else 0.0 for r in res], np.float32)
-        return rewards, {"pass_rate": float(rewards.mean()), "sandbox_timeouts": float(sum(r.status == "timeout" for r in res))}
+        local = []
+
+        def check(rows):  # this process's share of the programs (all of them in a 1-process run)
+            local.extend(rows)
+            return [[r.passed, r.status == "timeout"] for r in self.sandbox.run_many([jobs[i] for i in rows])]
+
+        res = split_work(len(jobs), check)
+        rewards = np.array([1.0 if passed else 0.0 for passed, _ in res], np.float32)
+        return rewards, {"pass_rate": float(rewards.mean()), "sandbox_timeouts": float(sum(t for _, t in res)),
+                         "sandbox_programs_local": float(len(local))}
 
     def has_eval(self) -> bool:
         return bool(self.v.eval_benchmarks)
