@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from ra3_jax import sharding
-from ra3_jax.algorithms.rlvr import GRPOTrainer
+from ra3_jax.algorithms.rlvr import GRPOTrainer, ProcessSplitSandbox
 from ra3_jax.distributed import put_global
 from ra3_jax.config import RunConfig
 from ra3_jax.data.code_benchmarks import benchmark_dir
@@ -206,7 +206,7 @@ class RLPTTrainer(GRPOTrainer):
             res["eval/next_segment_acc"] = self.next_segment_accuracy(self.val_triples)
         if self.v.eval_benchmarks:
             if self._sandbox is None:
-                self._sandbox = Sandbox(workers=2)
+                self._sandbox = ProcessSplitSandbox(Sandbox(workers=2))
             res.update(self.benchmark_eval(step, self.v.eval_benchmarks, data_dir=benchmark_dir(self.v.data_dir), mbpp_style="docstring",
                                            max_new_tokens=self.v.eval_max_new_tokens, n_tasks=0, sandbox=self._sandbox))
         return res

@@ -29,7 +29,7 @@ from ra3_jax.data.code_benchmarks import benchmark_dir, load_benchmark
 from ra3_jax.data.pipeline import pad_rows
 from ra3_jax.evaluation.code_eval import (HUMANEVAL_STOPS, PromptFormat, TaskFormat, cut_at_stops,
                                           evaluate_model, sampler_generate)
-from ra3_jax.execution import Job, Limits, Sandbox
+from ra3_jax.execution import ExecResult, Job, Limits, Sandbox
 from ra3_jax.model.llama import LlamaConfig, forward
 from ra3_jax.model.params import param_shardings
 from ra3_jax.model.store import load_model
@@ -333,7 +333,7 @@ class GRPOTrainer:
         return dict(last)
 
     def benchmark_eval(self, step: int, names, *, data_dir, mbpp_style: str, max_new_tokens: int, n_tasks: int,
-                       sandbox: Sandbox) -> dict:
+                       sandbox: Sandbox | ProcessSplitSandbox) -> dict:
         """Greedy pass@1 on the test splits of ``names`` (first ``n_tasks`` tasks; 0 = all)."""
         res = {}
         self.sampler.params = self.state.params
@@ -352,14 +352,32 @@ class GRPOTrainer:
         return res
 
 
+class ProcessSplitSandbox:
+    """A sandbox's ``run_many`` with the programs shared out over the processes of a multi-process run
+    (``distributed.split_work``); every process gets every result. ``local`` counts this process's share."""
+
+    def __init__(self, sandbox: Sandbox):
+        self.sandbox, self.local = sandbox, 0
+
+    def run_many(self, jobs, limits=None, progress=None) -> list[ExecResult]:
+        per_job = [limits] * len(jobs) if limits is None or isinstance(limits, Limits) else list(limits)
+
+        def mine(rows):
+            self.local += len(rows)
+            res = self.sandbox.run_many([jobs[i] for i in rows], [per_job[i] for i in rows], progress)
+            return [r.to_json() for r in res]
+
+        return [ExecResult(**r) for r in split_work(len(jobs), mine)]
+
+
 class RLVRTrainer(GRPOTrainer):
     """GRPO on code problems; reward 1 when every unit test passes in the sandbox."""
 
     mode = "rlvr"
 
     def __init__(self, cfg: RunConfig):
-        self.sandbox = Sandbox(Limits(timeout_s=cfg.rlvr.timeout_s, memory_mb=cfg.rlvr.memory_mb),
-                               workers=cfg.rlvr.sandbox_workers)
+        self.sandbox = ProcessSplitSandbox(Sandbox(Limits(timeout_s=cfg.rlvr.timeout_s, memory_mb=cfg.rlvr.memory_mb),
+                                                   workers=cfg.rlvr.sandbox_workers))  # fmt: skip
         super().__init__(cfg, cfg.rlvr)
 
     def load_tasks(self):
@@ -376,16 +394,11 @@ class RLVRTrainer(GRPOTrainer):
     def score(self, idx, texts, out):
         G = self.v.group_size
         jobs = [self.fmt.program(self.tasks[idx[r // G]], cut_at_stops(texts[r], self.stops)) for r in range(len(texts))]
-        local = []
-
-        def check(rows):  # this process's share of the programs (all of them in a 1-process run)
-            local.extend(rows)
-            return [[r.passed, r.status == "timeout"] for r in self.sandbox.run_many([jobs[i] for i in rows])]
-
-        res = split_work(len(jobs), check)
-        rewards = np.array([1.0 if passed else 0.0 for passed, _ in res], np.float32)
-        return rewards, {"pass_rate": float(rewards.mean()), "sandbox_timeouts": float(sum(t for _, t in res)),
-                         "sandbox_programs_local": float(len(local))}
+        before = self.sandbox.local
+        res = self.sandbox.run_many(jobs)  # this process runs its share (all in a 1-process run)
+        rewards = np.array([1.0 if r.passed else 0.0 for r in res], np.float32)
+        return rewards, {"pass_rate": float(rewards.mean()), "sandbox_timeouts": float(sum(r.status == "timeout" for r in res)),
+                         "sandbox_programs_local": float(self.sandbox.local - before)}  # fmt: skip
 
     def has_eval(self) -> bool:
         return bool(self.v.eval_benchmarks)
