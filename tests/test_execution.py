@@ -244,7 +244,7 @@ def test_cannot_signal_the_parent(sandbox):
                 except OSError as e:
                     print(type(e).__name__)
         try:
-            os.kill(-1, signal.SIGKILL)  # everything it may signal: only its own namespace (it is PID 1 there)
+            os.kill(-1, signal.SIGKILL)  # everything it may signal: only its own namespace
         except OSError:
             pass
         """)

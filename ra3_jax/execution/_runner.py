@@ -9,8 +9,9 @@ limits, verdict token, work directory), when isolation is on:
 2. forks: the child is PID 1 of the new PID namespace, so killing it kills every process the program made;
 3. in the child: mounts a fresh ``/proc`` (the parent's processes are invisible), private tmpfs on ``/tmp``,
    ``/var/tmp`` and ``/dev/shm``, makes every other mount read-only except the work directory, drops all
-   capabilities and sets ``no_new_privs``;
-4. sets resource limits (address space, CPU, file size, open files, processes, no core dumps);
+   capabilities and sets ``no_new_privs``; then forks the job as PID 2 and only waits for it (a namespace's
+   init never receives a signal it has no handler for, such as SIGXCPU at the CPU limit);
+4. in the job: sets resource limits (address space, CPU, file size, open files, processes, no core dumps);
 5. executes the program in one namespace and the test code in a *second* namespace whose builtins are a copy
    taken before the program ran (a program that monkey-patches ``builtins`` does not change the checker);
 6. writes ``<token>:ok`` on a private duplicate of stdout only if both ran to the end. The parent counts a
@@ -24,7 +25,6 @@ import json
 import os
 import platform
 import resource
-import signal
 import sys
 import traceback
 
@@ -117,7 +117,7 @@ def _isolate_child(workdir, tmpfs_mb):
     _drop_capabilities()
 
 
-def _set_limits(lim, pid1=False):
+def _set_limits(lim):
     def setl(res, value, grace=0):
         soft, hard = resource.getrlimit(res)
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
@@ -125,10 +125,8 @@ def _set_limits(lim, pid1=False):
         resource.setrlimit(res, (value, top))
 
     setl(resource.RLIMIT_CORE, 0)
-    # SIGXCPU at the budget (verdict cpu_limit), SIGKILL a second later for a program that catches it. PID 1 of a
-    # namespace never gets a signal it has no handler for, so there SIGKILL comes at the budget, and the runner
-    # outside reports it as SIGXCPU from the job's CPU time.
-    setl(resource.RLIMIT_CPU, int(lim["cpu_s"]), grace=0 if pid1 else 1)
+    # SIGXCPU at the budget (verdict cpu_limit), SIGKILL a second later for a program that catches it.
+    setl(resource.RLIMIT_CPU, int(lim["cpu_s"]), grace=1)
     setl(resource.RLIMIT_FSIZE, int(lim["fsize_mb"]) << 20)
     setl(resource.RLIMIT_NOFILE, int(lim["nofile"]))
     setl(resource.RLIMIT_AS, int(lim["memory_mb"]) << 20)
@@ -172,6 +170,12 @@ def _run_job(job, verdict_fd):
     return 0 if status == "ok" else 1
 
 
+def _relay(pid):
+    """Waits for ``pid`` and ends this process the same way (a signal as 128 + its number)."""
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
 def run(job):
     """Everything after the job is known; never returns (the process ends with the job's status)."""
     workdir = os.getcwd()
@@ -195,16 +199,18 @@ def run(job):
     pid = os.fork() if isolated else 0
     if pid:  # the runner outside: wait for PID 1 of the namespace and relay how it ended
         _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
-        _, status, usage = os.wait4(pid, 0)
-        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
-        if sig == signal.SIGKILL and usage.ru_utime + usage.ru_stime >= int(job["limits"]["cpu_s"]) - 0.05:
-            sig = signal.SIGXCPU  # the CPU limit's kill (see _set_limits), not the wall-clock one
-        os._exit(128 + sig if sig else os.waitstatus_to_exitcode(status))
+        _relay(pid)
     try:
         if isolated:
             _isolate_child(workdir, job["limits"]["tmpfs_mb"])
         os.write(1, f"{job['token']}:isolated={int(isolated)}\n".encode())
-        _set_limits(job["limits"], pid1=isolated)
+        if isolated:
+            # PID 1 of the namespace only waits: the kernel never delivers a signal without a handler (SIGXCPU
+            # at the CPU limit) to a namespace's init, so the job runs as PID 2. Its exit ends the namespace.
+            child = os.fork()
+            if child:
+                _relay(child)
+        _set_limits(job["limits"])
     except OSError as e:
         sys.stderr.write(f"sandbox setup failed: {e}\n")
         os._exit(98)

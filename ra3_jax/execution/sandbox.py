@@ -3,7 +3,7 @@
 Each job is its own process in a fresh temporary directory with a scrubbed environment: forked from a
 pre-started runner (``_runner.py --serve``, one per worker thread; the default) or a fresh interpreter.
 With isolation on (the default where the kernel allows it: root, or unprivileged user namespaces) the job runs
-as PID 1 of its own PID namespace, with no network (an empty network namespace), a read-only filesystem except
+in its own PID namespace (under a waiting PID 1), with no network (an empty network namespace), a read-only filesystem except
 its work directory and private tmpfs ``/tmp``, a fresh ``/proc`` and no capabilities. Limits: wall time (the
 whole process tree is killed), CPU time, address space, file size, open files, processes, output bytes.
 
@@ -357,7 +357,7 @@ class Sandbox:
             if self._cgroup_base:
                 cgroup = self._cgroup_base / f"job-{os.getpid()}-{token[:16]}"
                 cgroup.mkdir()
-                (cgroup / "pids.max").write_text(str(limits.nproc + 2))  # + the runner and PID 1
+                (cgroup / "pids.max").write_text(str(limits.nproc + 3))  # + the runner, PID 1 and the job
             os.chmod(workdir, 0o700)
             spec = {"program": job.program, "test": job.test, "limits": limits.resolved(), "workdir": workdir,
                     "isolate": isolation if isolation != "none" else False, "token": token,
