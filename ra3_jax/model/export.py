@@ -14,23 +14,8 @@ import shutil
 
 import numpy as np
 
-from ra3_jax.model.convert import CheckpointError
+from ra3_jax.model.convert import HF_LAYER_NAMES, CheckpointError
 from ra3_jax.model.llama import LlamaConfig
-
-_LAYER_NAMES = {  # ours -> (HF name under model.layers.<i>., transpose)
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True),
-    "wk": ("self_attn.k_proj.weight", True),
-    "wv": ("self_attn.v_proj.weight", True),
-    "wo": ("self_attn.o_proj.weight", True),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True),
-    "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
-    "bq": ("self_attn.q_proj.bias", False),
-    "bk": ("self_attn.k_proj.bias", False),
-    "bv": ("self_attn.v_proj.bias", False),
-}
 
 
 def _interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -77,7 +62,7 @@ def hf_tensors(params: dict, cfg: LlamaConfig, dtype=np.float32):
     yield "model.embed_tokens.weight", cast(params["embed"])
     layers = params["layers"]
     for i in range(cfg.n_layers):
-        for ours, (name, transpose) in _LAYER_NAMES.items():
+        for ours, (name, transpose) in HF_LAYER_NAMES.items():
             if ours not in layers:
                 continue
             w = np.asarray(layers[ours][i])
