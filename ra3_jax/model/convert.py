@@ -202,16 +202,21 @@ def hf_config_to_llama(hf: dict, **overrides) -> LlamaConfig:
     return LlamaConfig(**cfg)
 
 
+def read_hf_config(path: str, **overrides) -> LlamaConfig:
+    """The LlamaConfig of an HF checkpoint directory, from its config.json alone."""
+    cfg_file = os.path.join(os.path.expanduser(path), "config.json")
+    if not os.path.exists(cfg_file):
+        raise CheckpointError(f"HF checkpoint {path}: config.json not found")
+    with open(cfg_file, encoding="utf-8") as f:
+        return hf_config_to_llama(json.load(f), **overrides)
+
+
 def load_hf(path: str, *, dtype=np.float32, **cfg_overrides):
     """Read an HF Llama/Qwen2 checkpoint directory (config.json + *.safetensors) -> (LlamaConfig, params)."""
     from safetensors.numpy import load_file
 
     path = os.path.expanduser(path)
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_file):
-        raise CheckpointError(f"HF checkpoint {path}: config.json not found")
-    with open(cfg_file, encoding="utf-8") as f:
-        cfg = hf_config_to_llama(json.load(f), **cfg_overrides)
+    cfg = read_hf_config(path, **cfg_overrides)
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"HF checkpoint {path}: no *.safetensors files")

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ra3_jax.model.convert import CheckpointError, load_gguf, load_hf, resolve_model_path
+from ra3_jax.model.convert import CheckpointError, load_gguf, load_hf, read_hf_config, resolve_model_path
 from ra3_jax.model.llama import LlamaConfig
 from ra3_jax.model.params import abstract_params, init_params, shard_params
 
@@ -103,11 +103,5 @@ def read_model_shape(section) -> LlamaConfig:
 
         return gguf_config(_gguf_reader(path), rope_layout=section.rope_layout, **rt)
     if section.init == "hf":
-        from ra3_jax.model.convert import hf_config_to_llama
-
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_file):
-            raise CheckpointError(f"HF checkpoint {path}: config.json not found")
-        with open(cfg_file, encoding="utf-8") as f:
-            return hf_config_to_llama(json.load(f), **rt)
+        return read_hf_config(path, **rt)
     return read_model_config(path, **rt)
