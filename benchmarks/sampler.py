@@ -3,6 +3,7 @@ no-cache JAX loop, same shape and weights, one run. Shape (issue #3): d=256, 4 l
 prompt 64, 128 new tokens, float32, greedy; ours and HF are each the best of 3 timed runs.
 Usage: python benchmarks/sampler.py [--batch 16] [--smollm2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,18 @@ def run_ours(params, cfg, prompts, new):
     B, P = prompts.shape
     dfa, acc = build_stop_automata([])
     tb, tl = np.zeros((cfg.vocab_size, 1), np.int32), np.zeros((cfg.vocab_size,), np.int32)
-    args = (params, prompts, np.full((B,), P, np.int32), jax.random.key(0), np.zeros((B, 1), np.int32), np.zeros((B,), np.int32), dfa, acc, tb, tl)
+    args = (
+        params,
+        prompts,
+        np.full((B,), P, np.int32),
+        jax.random.key(0),
+        np.zeros((B, 1), np.int32),
+        np.zeros((B,), np.int32),
+        dfa,
+        acc,
+        tb,
+        tl,
+    )
     kw = dict(cfg=cfg, sampling=SamplingParams(temperature=0.0), max_new_tokens=new, eos_ids=())
     out = jax.block_until_ready(generate(*args, **kw))  # compile
     best = float("inf")
@@ -55,10 +67,18 @@ def run_hf(cfg, params, prompts, new):
     import transformers
 
     torch.set_num_threads(os.cpu_count())
-    hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                                      num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
-                                      tie_word_embeddings=True, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps)  # fmt: skip
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=True,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps,
+    )
     m = transformers.LlamaForCausalLM(hf_cfg).eval()
     ids = torch.tensor(np.asarray(prompts))
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
@@ -88,14 +108,31 @@ def main():
     prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (args.batch, args.prompt)).astype(np.int32)
     ours, _ = run_ours(params, cfg, prompts, args.new)
     naive = run_naive(params, cfg, prompts, args.new)
-    res = {"device": jax.devices()[0].device_kind, "batch": args.batch, "prompt": args.prompt, "new": args.new,
-           "ours_tokens_per_s": round(ours, 1), "naive_tokens_per_s": round(naive, 1), "ratio_vs_naive": round(ours / naive, 1)}  # fmt: skip
+    res = {
+        "device": jax.devices()[0].device_kind,
+        "batch": args.batch,
+        "prompt": args.prompt,
+        "new": args.new,
+        "ours_tokens_per_s": round(ours, 1),
+        "naive_tokens_per_s": round(naive, 1),
+        "ratio_vs_naive": round(ours / naive, 1),
+    }
     if not args.no_hf:
         hf = run_hf(cfg, params, prompts, args.new)
         res.update(hf_generate_tokens_per_s=round(hf, 1), ratio_vs_hf_generate=round(ours / hf, 2))
     if args.smollm2_shape:
-        scfg = LlamaConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536, rope_theta=1e5,
-                           max_seq_len=8192, param_dtype=args.dtype, compute_dtype=args.dtype)  # fmt: skip
+        scfg = LlamaConfig(
+            vocab_size=49152,
+            d_model=576,
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            d_ff=1536,
+            rope_theta=1e5,
+            max_seq_len=8192,
+            param_dtype=args.dtype,
+            compute_dtype=args.dtype,
+        )
         sp = init_params(scfg, jax.random.key(0))
         sprompts = np.random.default_rng(1).integers(1, 40000, (args.batch, args.prompt)).astype(np.int32)
         tps = run_ours(sp, scfg, sprompts, args.new)[0]

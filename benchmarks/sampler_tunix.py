@@ -8,6 +8,7 @@ tunix pins other packages than ours (safetensors<0.8 and many more), so it runs 
 The tunix model has its own random weights (throughput does not depend on them); both generate exactly
 --new tokens per row, which the script checks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,14 +50,26 @@ def run_tunix(cfg: LlamaConfig, prompts: np.ndarray, new: int) -> float:
     from tunix.generate import sampler as tunix_sampler
     from tunix.models.llama3 import model as llama3
 
-    mcfg = llama3.ModelConfig(num_layers=cfg.n_layers, vocab_size=cfg.vocab_size, embed_dim=cfg.d_model,
-                              hidden_dim=cfg.d_ff, num_heads=cfg.n_heads, head_dim=cfg.head_dim,
-                              num_kv_heads=cfg.n_kv_heads, rope_theta=int(cfg.rope_theta), norm_eps=cfg.norm_eps,
-                              weight_tying=True)  # fmt: skip
+    mcfg = llama3.ModelConfig(
+        num_layers=cfg.n_layers,
+        vocab_size=cfg.vocab_size,
+        embed_dim=cfg.d_model,
+        hidden_dim=cfg.d_ff,
+        num_heads=cfg.n_heads,
+        head_dim=cfg.head_dim,
+        num_kv_heads=cfg.n_kv_heads,
+        rope_theta=int(cfg.rope_theta),
+        norm_eps=cfg.norm_eps,
+        weight_tying=True,
+    )
     B, P = prompts.shape
-    s = tunix_sampler.Sampler(llama3.Llama3(mcfg, rngs=nnx.Rngs(0)), _IdTokenizer(),
-                              tunix_sampler.CacheConfig(cache_size=P + new, num_layers=cfg.n_layers,
-                                                        num_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim))  # fmt: skip
+    s = tunix_sampler.Sampler(
+        llama3.Llama3(mcfg, rngs=nnx.Rngs(0)),
+        _IdTokenizer(),
+        tunix_sampler.CacheConfig(
+            cache_size=P + new, num_layers=cfg.n_layers, num_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim
+        ),
+    )
     strs = [" ".join(map(str, p[1:])) for p in prompts]  # tunix puts bos_id() (= prompts[:, 0]) in front
     kw = dict(max_generation_steps=new, max_prompt_length=P, temperature=0.0, eos_tokens=[10**6])
     out = s(strs, **kw)  # compile
@@ -75,8 +88,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=128)
     args = ap.parse_args()
-    import tunix  # noqa: F401  (fail early, before compiling ours)
     from importlib.metadata import version
+
+    import tunix  # noqa: F401  (fail early, before compiling ours)
 
     cfg = LlamaConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=704, max_seq_len=1024)
     params = init_params(cfg, jax.random.key(0))
@@ -87,9 +101,21 @@ def main():
     theirs = run_tunix(cfg, prompts, args.new)
     ours2, _ = run_ours(params, cfg, prompts, args.new)  # again after tunix: the VM's speed drifts
     ours = max(ours, ours2)
-    print(json.dumps({"device": jax.devices()[0].device_kind, "tunix": version("google-tunix"), "batch": args.batch,
-                      "prompt": args.prompt, "new": args.new, "ours_tokens_per_s": round(ours, 1),
-                      "tunix_tokens_per_s": round(theirs, 1), "ratio_vs_tunix": round(ours / theirs, 2)}, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "device": jax.devices()[0].device_kind,
+                "tunix": version("google-tunix"),
+                "batch": args.batch,
+                "prompt": args.prompt,
+                "new": args.new,
+                "ours_tokens_per_s": round(ours, 1),
+                "tunix_tokens_per_s": round(theirs, 1),
+                "ratio_vs_tunix": round(ours / theirs, 2),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ interpreter per program in new namespaces (see ra3_jax/execution/sandbox.py). Bo
 
     python benchmarks/sandbox.py [--workers 2] [--data-dir ../shared/data]
 """
+
 import argparse
 import concurrent.futures
 import gzip
@@ -29,7 +30,9 @@ def main():
 
     with gzip.open(os.path.join(args.data_dir, "humaneval", "HumanEval.jsonl.gz"), "rt") as f:
         problems = [json.loads(line) for line in f]
-    tasks = [{"task_id": p["task_id"], "prefix": p["prompt"], "test": f"{p['test']}\n\ncheck({p['entry_point']})\n"} for p in problems]
+    tasks = [
+        {"task_id": p["task_id"], "prefix": p["prompt"], "test": f"{p['test']}\n\ncheck({p['entry_point']})\n"} for p in problems
+    ]
     fmt = PromptFormat.create("humaneval")
 
     def ours():

@@ -3,6 +3,7 @@ matmul ceiling measured in the same run. Shape (issue #2): d=512, 8 layers, voca
 2048 tokens/step, float32. Usage: python benchmarks/train_step.py [--steps 10] [--dtype float32|bfloat16]
 [--preset cpu|1b] (1b = a ~1B Llama shape for GPUs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,13 @@ def bench_ours(cfg, batch, seq, steps, dtype):
     step = jit_train_step(cfg, tx, 1, mesh, state_shardings(cfg, tx, mesh))
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-    b = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
-         "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(), "loss_mask": np.ones((batch, seq), np.float32)}  # fmt: skip
+    b = {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+        "loss_mask": np.ones((batch, seq), np.float32),
+    }
     b = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
     t = time.perf_counter()
     state, m = step(state, b)
@@ -79,10 +85,17 @@ def bench_hf(cfg, batch, seq, steps):
     import transformers
 
     torch.set_num_threads(os.cpu_count())
-    hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                                      num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=seq,
-                                      tie_word_embeddings=cfg.tie_embeddings, attn_implementation="eager")  # fmt: skip
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=seq,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="eager",
+    )
     model = transformers.LlamaForCausalLM(hf_cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     toks = torch.randint(0, cfg.vocab_size, (batch, seq))
@@ -111,15 +124,25 @@ def main():
     args = ap.parse_args()
     p = dict(PRESETS[args.preset])
     batch, seq = p.pop("batch"), p.pop("seq")
-    cfg = LlamaConfig(**p, tie_embeddings=False, max_seq_len=seq, param_dtype="float32", compute_dtype=args.dtype, remat=args.remat)
+    cfg = LlamaConfig(
+        **p, tie_embeddings=False, max_seq_len=seq, param_dtype="float32", compute_dtype=args.dtype, remat=args.remat
+    )
     ceiling = matmul_ceiling(jnp.dtype(args.dtype))
     ours, compile_s = bench_ours(cfg, batch, seq, args.steps, args.dtype)
     flops = model_flops_per_token(cfg, seq)
-    res = {"device": str(jax.devices()[0].device_kind), "n_devices": len(jax.devices()), "preset": args.preset,
-           "dtype": args.dtype, "params": cfg.num_params(), "tokens_per_step": batch * seq,
-           "ours_tokens_per_s": round(ours, 1), "compile_s": round(compile_s, 1),
-           "matmul_ceiling_tflops": round(ceiling / 1e12, 3), "model_tflops": round(ours * flops / 1e12, 3),
-           "mfu_vs_measured_ceiling": round(ours * flops / ceiling, 3)}  # fmt: skip
+    res = {
+        "device": str(jax.devices()[0].device_kind),
+        "n_devices": len(jax.devices()),
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "params": cfg.num_params(),
+        "tokens_per_step": batch * seq,
+        "ours_tokens_per_s": round(ours, 1),
+        "compile_s": round(compile_s, 1),
+        "matmul_ceiling_tflops": round(ceiling / 1e12, 3),
+        "model_tflops": round(ours * flops / 1e12, 3),
+        "mfu_vs_measured_ceiling": round(ours * flops / ceiling, 3),
+    }
     if not args.no_hf:
         hf = bench_hf(cfg, batch, seq, max(2, args.steps // 2))
         res.update(hf_eager_tokens_per_s=round(hf, 1), ratio_vs_hf_eager=round(ours / hf, 2))

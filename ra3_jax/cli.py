@@ -1,4 +1,5 @@
 """`ra3 <command> --config configs/X.yaml section.key=value ...`"""
+
 from __future__ import annotations
 
 import argparse
@@ -12,17 +13,30 @@ ERRORS: tuple = ()
 
 def _known_errors():
     from ra3_jax.config import ConfigError
+    from ra3_jax.data.code_benchmarks import BenchmarkError
     from ra3_jax.data.corpus import CorpusError
+    from ra3_jax.distributed import DistributedError
+    from ra3_jax.evaluation.report import ReportError
+    from ra3_jax.execution import SandboxError
     from ra3_jax.model.convert import CheckpointError
     from ra3_jax.tokenizer import TokenizerError
     from ra3_jax.train.checkpoint import CheckpointIOError
     from ra3_jax.train.loop import TrainingError
-    from ra3_jax.data.code_benchmarks import BenchmarkError
-    from ra3_jax.execution import SandboxError
-    from ra3_jax.evaluation.report import ReportError
-    from ra3_jax.distributed import DistributedError
 
-    return (DistributedError, BenchmarkError, SandboxError, ReportError, ConfigError, CorpusError, CheckpointError, TokenizerError, TrainingError, CheckpointIOError, FileNotFoundError, ValueError)
+    return (
+        DistributedError,
+        BenchmarkError,
+        SandboxError,
+        ReportError,
+        ConfigError,
+        CorpusError,
+        CheckpointError,
+        TokenizerError,
+        TrainingError,
+        CheckpointIOError,
+        FileNotFoundError,
+        ValueError,
+    )
 
 
 def _overrides(args) -> list[str]:
@@ -78,7 +92,11 @@ def cmd_show_latents(args):
     from ra3_jax.data.bootstrap import read_records
 
     run = os.path.abspath(args.run)
-    iters = sorted(int(d.split("_", 1)[1]) for d in os.listdir(run) if d.startswith("iter_") and os.path.isdir(os.path.join(run, d, "bootstrap")))
+    iters = sorted(
+        int(d.split("_", 1)[1])
+        for d in os.listdir(run)
+        if d.startswith("iter_") and os.path.isdir(os.path.join(run, d, "bootstrap"))
+    )
     if not iters:
         raise FileNotFoundError(f"{run} holds no bootstrap corpus (iter_<k>/bootstrap); run `ra3 midtrain-ra3` first")
     k = iters[-1] if args.iteration is None else args.iteration
@@ -206,8 +224,14 @@ def cmd_sample(args):
     key = jax.random.key(args.seed)
     for lo in range(0, len(prompts), args.batch_size):
         key, sub = jax.random.split(key)
-        outs = sampler.complete(prompts[lo : lo + args.batch_size], max_new_tokens=args.max_new_tokens, sampling=sp,
-                                key=sub, num_samples=args.num_samples, stop_strings=args.stop)  # fmt: skip
+        outs = sampler.complete(
+            prompts[lo : lo + args.batch_size],
+            max_new_tokens=args.max_new_tokens,
+            sampling=sp,
+            key=sub,
+            num_samples=args.num_samples,
+            stop_strings=args.stop,
+        )
         for i, c in enumerate(outs):
             row = dataclasses.asdict(c)
             row["index"] = lo + i // args.num_samples
@@ -243,12 +267,33 @@ def cmd_eval(args):
         generate = sampler_generate(_load_sampler(cfg), sp, args.max_new_tokens, fmt.stops, jax.random.key(args.seed))
 
     out = args.out or os.path.join(cfg.train.out_dir, "eval", args.benchmark.replace("+", "_plus"))
-    rep = evaluate_model(generate, tasks, fmt, sandbox, n_samples=args.n_samples, temperature=args.temperature,
-                         ks=tuple(args.k), batch_tasks=args.batch_tasks, out_dir=out, limits=limits)  # fmt: skip
+    rep = evaluate_model(
+        generate,
+        tasks,
+        fmt,
+        sandbox,
+        n_samples=args.n_samples,
+        temperature=args.temperature,
+        ks=tuple(args.k),
+        batch_tasks=args.batch_tasks,
+        out_dir=out,
+        limits=limits,
+    )
     print(rep.table())
-    print(json.dumps({"out": os.path.abspath(out), "pass_at": rep.pass_at, "status": rep.status_counts,
-                      "sample_s": round(rep.sample_s, 2), "check_s": round(rep.check_s, 2),
-                      "programs_per_s": round(rep.programs_per_s, 2), "sandbox_isolated": sandbox.isolated}, indent=1))
+    print(
+        json.dumps(
+            {
+                "out": os.path.abspath(out),
+                "pass_at": rep.pass_at,
+                "status": rep.status_counts,
+                "sample_s": round(rep.sample_s, 2),
+                "check_s": round(rep.check_s, 2),
+                "programs_per_s": round(rep.programs_per_s, 2),
+                "sandbox_isolated": sandbox.isolated,
+            },
+            indent=1,
+        )
+    )
 
 
 def cmd_report(args):
@@ -267,9 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
         return sp
 
-    with_config(sub.add_parser("pretrain", help="NTP training from random init")).set_defaults(fn=lambda a: cmd_train(a, "pretrain"))
-    with_config(sub.add_parser("midtrain-ntp", help="NTP continued training of a real model")).set_defaults(fn=lambda a: cmd_train(a, "midtrain-ntp"))
-    with_config(sub.add_parser("midtrain-ra3", help="RA3 EM mid-training (E-step latent discovery + M-step NTP)")).set_defaults(fn=run_job("ra3_jax.algorithms.ra3:midtrain_ra3", multi_process=True))
+    with_config(sub.add_parser("pretrain", help="NTP training from random init")).set_defaults(
+        fn=lambda a: cmd_train(a, "pretrain")
+    )
+    with_config(sub.add_parser("midtrain-ntp", help="NTP continued training of a real model")).set_defaults(
+        fn=lambda a: cmd_train(a, "midtrain-ntp")
+    )
+    with_config(sub.add_parser("midtrain-ra3", help="RA3 EM mid-training (E-step latent discovery + M-step NTP)")).set_defaults(
+        fn=run_job("ra3_jax.algorithms.ra3:midtrain_ra3", multi_process=True)
+    )
     sl = sub.add_parser("show-latents", help="print bootstrapped documents with their inserted rationales")
     sl.add_argument("run", help="a midtrain-ra3 run directory (train.out_dir)")
     sl.add_argument("--iteration", type=int, default=None, help="EM iteration (default: the last written)")
@@ -307,13 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0, help="first N tasks only")
     ev.add_argument("--batch-tasks", type=int, default=8, help="prompts per sampler call (x n-samples rows)")
     ev.add_argument("--workers", type=int, default=2, help="sandbox processes in parallel")
-    ev.add_argument("--timeout", type=float, default=0, help="seconds per program, every task (default: per benchmark and task, see task_limits)")
+    ev.add_argument(
+        "--timeout",
+        type=float,
+        default=0,
+        help="seconds per program, every task (default: per benchmark and task, see task_limits)",
+    )
     ev.add_argument("--canonical", action="store_true", help="check the reference solutions (harness self-test)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="", help="results folder (default: <train.out_dir>/eval/<benchmark>)")
     ev.set_defaults(fn=cmd_eval)
-    with_config(sub.add_parser("rlvr", help="GRPO with unit-test rewards from the sandbox")).set_defaults(fn=run_job("ra3_jax.algorithms.rlvr:rlvr", multi_process=True))
-    with_config(sub.add_parser("rlpt", help="RL on pre-training data: next-segment prediction (ASR/MSR) with GRPO")).set_defaults(fn=run_job("ra3_jax.algorithms.rlpt:rlpt", multi_process=True))
+    with_config(sub.add_parser("rlvr", help="GRPO with unit-test rewards from the sandbox")).set_defaults(
+        fn=run_job("ra3_jax.algorithms.rlvr:rlvr", multi_process=True)
+    )
+    with_config(sub.add_parser("rlpt", help="RL on pre-training data: next-segment prediction (ASR/MSR) with GRPO")).set_defaults(
+        fn=run_job("ra3_jax.algorithms.rlpt:rlpt", multi_process=True)
+    )
     rp = sub.add_parser("report", help="PNG curves + Markdown table from run directories (metrics.jsonl)")
     rp.add_argument("runs", nargs="+", help="run directories (train.out_dir of rlvr / training runs)")
     rp.add_argument("--out", required=True, help="folder for the PNGs and report.md")

@@ -4,6 +4,7 @@ Every run is described by a :class:`RunConfig`. ``load_config(path, overrides)``
 ``section.key=value`` overrides (values parsed as YAML scalars), and validates the result against the schema:
 an unknown section or key is an error that names the key and lists the valid ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -230,8 +231,10 @@ class RLPTSection(GRPOSection):
     judge: str = "prefix"  # prefix (normalized prefix match) | model (generative judge through our sampler)
     judge_model: str = ""  # judge=model: a model path (GGUF / Orbax dir / HF dir)
     judge_init: str = "orbax"  # gguf | hf | orbax
-    judge_template: str = ("Reference: {reference}\nPrediction: {prediction}\n"
-                           "Does the prediction say the same as the start of the reference? Answer yes or no.\nAnswer:")
+    judge_template: str = (
+        "Reference: {reference}\nPrediction: {prediction}\n"
+        "Does the prediction say the same as the start of the reference? Answer yes or no.\nAnswer:"
+    )
     max_new_tokens: int = 64  # (the GRPO knobs are GRPOSection's; the paper trains without KL: kl_coef 0)
     sft_steps: int = 0  # optional cold-start SFT on (prompt -> target + end tag) before RL
     sft_lr: float = 1.0e-4
@@ -391,8 +394,15 @@ _CHOICES = {
     ("rlpt", "segmenter"): ("auto", "text", "code", "line"),
     ("rlpt", "judge"): ("prefix", "model"),
     ("rlpt", "judge_init"): ("gguf", "hf", "orbax"),
-    **{(sec, key): choices for sec in ("rlvr", "rlpt") for key, choices in (
-        ("advantage", ("grpo", "rloo", "drgrpo")), ("kl_estimator", ("k1", "k3")), ("loss_aggregation", ("token", "sequence")))},
+    **{
+        (sec, key): choices
+        for sec in ("rlvr", "rlpt")
+        for key, choices in (
+            ("advantage", ("grpo", "rloo", "drgrpo")),
+            ("kl_estimator", ("k1", "k3")),
+            ("loss_aggregation", ("token", "sequence")),
+        )
+    },
 }
 
 
@@ -424,8 +434,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     r = cfg.ra3
     if not 0.0 < r.alpha <= 1.0:
         raise ConfigError(f"ra3.alpha={r.alpha} must be in (0, 1] (alpha = 1 means no latent is ever accepted)")
-    for key in ("iterations", "candidates_per_doc", "group_size", "max_latent_tokens", "horizon_steps", "estep_batch_docs",
-                "mstep_steps", "every_k", "max_doc_tokens", "context_tokens", "max_horizon_tokens"):
+    for key in (
+        "iterations",
+        "candidates_per_doc",
+        "group_size",
+        "max_latent_tokens",
+        "horizon_steps",
+        "estep_batch_docs",
+        "mstep_steps",
+        "every_k",
+        "max_doc_tokens",
+        "context_tokens",
+        "max_horizon_tokens",
+    ):
         if getattr(r, key) < 1:
             raise ConfigError(f"ra3.{key}={getattr(r, key)} must be >= 1")
     if r.group_size < 2 and r.advantage in ("grpo", "rloo"):

@@ -5,6 +5,7 @@ coordinator, process 0) before any JAX computation. Global arrays are built from
 ``jax.make_array_from_process_local_data``; the helpers here say which rows of a global batch a process
 feeds, and gather small host objects (e.g. Grain iterator states) from every process for checkpoints.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,10 @@ def check_coordinator(address: str, process_id: int, timeout_s: float) -> None:
             try:
                 s.bind(("", port))
             except OSError as e:
-                raise DistributedError(f"process 0 cannot listen on coordinator port {port} ({e}); another job may hold it: "
-                                       f"pick a free port in {ENV_COORDINATOR}") from None  # fmt: skip
+                raise DistributedError(
+                    f"process 0 cannot listen on coordinator port {port} ({e}); another job may hold it: "
+                    f"pick a free port in {ENV_COORDINATOR}"
+                ) from None
         return
     deadline = time.monotonic() + timeout_s
     while True:
@@ -108,8 +111,13 @@ def initialize(section) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", section.cpu_collectives)
     if coordinator and pid is not None:
         check_coordinator(coordinator, pid, section.init_timeout_s)
-    kwargs = dict(coordinator_address=coordinator, num_processes=num, process_id=pid,
-                  local_device_ids=list(section.local_device_ids) or None, initialization_timeout=section.init_timeout_s)  # fmt: skip
+    kwargs = dict(
+        coordinator_address=coordinator,
+        num_processes=num,
+        process_id=pid,
+        local_device_ids=list(section.local_device_ids) or None,
+        initialization_timeout=section.init_timeout_s,
+    )
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the parameters and what to check
@@ -120,8 +128,13 @@ def initialize(section) -> bool:
             f"from all hosts) and {ENV_NUM_PROCESSES}, a distinct {ENV_PROCESS_ID} in 0..N-1, and that all of them start "
             f"within distributed.init_timeout_s={section.init_timeout_s}s; distributed.mode=off runs one process."
         ) from e
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())  # fmt: skip
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -152,8 +165,10 @@ def process_rows(mesh, global_rows: int) -> tuple[int, int]:
     for a, b in zip(starts, stops):
         held.update(range(a, b))
     if held != set(range(lo, hi)):
-        raise DistributedError(f"process {jax.process_index()} holds non-contiguous batch rows; use a mesh whose "
-                               "data-parallel devices are grouped by process (launch/meshes/*.yaml)")  # fmt: skip
+        raise DistributedError(
+            f"process {jax.process_index()} holds non-contiguous batch rows; use a mesh whose "
+            "data-parallel devices are grouped by process (launch/meshes/*.yaml)"
+        )
     return lo, hi
 
 

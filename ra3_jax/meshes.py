@@ -13,6 +13,7 @@ A mesh file::
 
 ``mesh.name`` in a config (or ``--mesh`` on the command line) selects one by name or path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,10 @@ def find_mesh_file(name: str) -> Path:
         f = d / f"{name}.yaml"
         if f.is_file():
             return f
-    raise MeshConfigError(f"unknown mesh {name!r}; named meshes: {', '.join(available_meshes()) or 'none'} "
-                          f"(searched {', '.join(str(d) for d in mesh_dirs())}; ${ENV_MESH_DIR} adds a folder)")  # fmt: skip
+    raise MeshConfigError(
+        f"unknown mesh {name!r}; named meshes: {', '.join(available_meshes()) or 'none'} "
+        f"(searched {', '.join(str(d) for d in mesh_dirs())}; ${ENV_MESH_DIR} adds a folder)"
+    )
 
 
 def load_mesh_file(name: str) -> dict:
@@ -74,8 +77,9 @@ def load_mesh_file(name: str) -> dict:
     raw.setdefault("processes", 1)
     raw.setdefault("platform", "")
     if math.prod(raw[k] for k in ("data", "fsdp", "tensor")) != raw["devices"]:
-        raise MeshConfigError(f"mesh file {path}: data x fsdp x tensor = "
-                              f"{raw['data'] * raw['fsdp'] * raw['tensor']} but devices = {raw['devices']}")  # fmt: skip
+        raise MeshConfigError(
+            f"mesh file {path}: data x fsdp x tensor = {raw['data'] * raw['fsdp'] * raw['tensor']} but devices = {raw['devices']}"
+        )
     if raw["data"] % raw["dcn_data"]:
         raise MeshConfigError(f"mesh file {path}: dcn_data={raw['dcn_data']} must divide data={raw['data']}")
     raw["path"] = str(path)
@@ -94,10 +98,11 @@ def resolve_mesh_section(section):
 def check_devices(mesh_file: dict, n_devices: int, platform: str) -> None:
     want_platform = mesh_file.get("platform") or platform
     if mesh_file["devices"] != n_devices or want_platform != platform:
+        dcn = f", dcn_data={mesh_file['dcn_data']}" if mesh_file["dcn_data"] > 1 else ""
         raise MeshConfigError(
             f"mesh '{mesh_file['name']}' ({mesh_file['path']}) is for {mesh_file['devices']} {want_platform} devices "
             f"(data={mesh_file['data']} fsdp={mesh_file['fsdp']} tensor={mesh_file['tensor']}"
-            f"{', dcn_data=%d' % mesh_file['dcn_data'] if mesh_file['dcn_data'] > 1 else ''}), but this run sees "
+            f"{dcn}), but this run sees "
             f"{n_devices} {platform} devices. Pick a mesh for this machine ({', '.join(available_meshes())}) or set "
             "mesh.name='' and mesh.data/fsdp/tensor."
         )

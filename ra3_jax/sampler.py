@@ -7,11 +7,12 @@ share one prefill: the cache is computed for the B prompts and repeated G times 
 Stop strings are matched EXACTLY at the byte level in-graph: every sampled token's bytes are fed through a
 KMP automaton per stop string, so a stop string is found whatever tokens spell it.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -140,11 +141,42 @@ def _to_left_padded(tokens, lengths):
     return jax.vmap(lambda t, n: jnp.roll(t, P - n))(tokens, lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "num_samples", "eos_ids", "pad_id", "right_padded", "cache_len", "valid_vocab"))
-def generate(params, prompt_tokens, prompt_lengths, key, forced_prefix, forced_lengths, stop_dfa, stop_accept,
-             tok_bytes, tok_len, *, cfg: LlamaConfig, sampling: SamplingParams, max_new_tokens: int,
-             num_samples: int = 1, eos_ids: tuple = (), pad_id: int = 0, right_padded: bool = False,
-             cache_len: int | None = None, valid_vocab: int | None = None) -> SampleOutput:  # fmt: skip
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "cfg",
+        "sampling",
+        "max_new_tokens",
+        "num_samples",
+        "eos_ids",
+        "pad_id",
+        "right_padded",
+        "cache_len",
+        "valid_vocab",
+    ),
+)
+def generate(
+    params,
+    prompt_tokens,
+    prompt_lengths,
+    key,
+    forced_prefix,
+    forced_lengths,
+    stop_dfa,
+    stop_accept,
+    tok_bytes,
+    tok_len,
+    *,
+    cfg: LlamaConfig,
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    eos_ids: tuple = (),
+    pad_id: int = 0,
+    right_padded: bool = False,
+    cache_len: int | None = None,
+    valid_vocab: int | None = None,
+) -> SampleOutput:
     """Prefill B prompts once, then decode G = num_samples continuations each, all in one XLA program.
 
     prompt_tokens [B, P] (left-padded unless right_padded), prompt_lengths [B]; forced_prefix [B, F] tokens that
@@ -162,7 +194,9 @@ def generate(params, prompt_tokens, prompt_lengths, key, forced_prefix, forced_l
     positions = jnp.where(valid, slot - offset, 0)
     S = cache_len or (P + N)
     cache = KVCache.init(cfg, B, S)
-    logits, cache = forward(params, prompt_tokens, positions, cfg, segment_ids=valid.astype(jnp.int32), cache=cache, empty_cache=True)
+    logits, cache = forward(
+        params, prompt_tokens, positions, cfg, segment_ids=valid.astype(jnp.int32), cache=cache, empty_cache=True
+    )
     last = logits[:, -1, :]
 
     rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731  prefill shared by the G samples of a prompt
@@ -171,11 +205,19 @@ def generate(params, prompt_tokens, prompt_lengths, key, forced_prefix, forced_l
     forced_prefix, forced_lengths = rep(forced_prefix), rep(forced_lengths)
     eos = jnp.array(eos_ids if eos_ids else (-1,), jnp.int32)
     state = _State(
-        step=jnp.zeros((), jnp.int32), logits=rep(last), cache=cache, pos=rep(prompt_lengths).astype(jnp.int32),
-        done=jnp.zeros((BG,), bool), reason=jnp.full((BG,), STOP_LENGTH, jnp.int32), lengths=jnp.zeros((BG,), jnp.int32),
-        tokens=jnp.full((BG, N), pad_id, jnp.int32), lp=jnp.zeros((BG, N), jnp.float32), lp_proc=jnp.zeros((BG, N), jnp.float32),
-        stop_state=jnp.zeros((BG, stop_dfa.shape[0]), jnp.int32), key=key,
-    )  # fmt: skip
+        step=jnp.zeros((), jnp.int32),
+        logits=rep(last),
+        cache=cache,
+        pos=rep(prompt_lengths).astype(jnp.int32),
+        done=jnp.zeros((BG,), bool),
+        reason=jnp.full((BG,), STOP_LENGTH, jnp.int32),
+        lengths=jnp.zeros((BG,), jnp.int32),
+        tokens=jnp.full((BG, N), pad_id, jnp.int32),
+        lp=jnp.zeros((BG, N), jnp.float32),
+        lp_proc=jnp.zeros((BG, N), jnp.float32),
+        stop_state=jnp.zeros((BG, stop_dfa.shape[0]), jnp.int32),
+        key=key,
+    )
 
     def cond(s: _State):
         return (s.step < N) & ~jnp.all(s.done)
@@ -207,9 +249,23 @@ def generate(params, prompt_tokens, prompt_lengths, key, forced_prefix, forced_l
         reason = jnp.where(hit_eos, STOP_EOS, jnp.where(hit_str, STOP_STRING, s.reason))
         done = s.done | hit_eos | hit_str
         # one decode step for every row; finished rows feed a pad that nobody attends to
-        logits, cache = forward(params, tok[:, None], s.pos[:, None], cfg, segment_ids=active[:, None].astype(jnp.int32), cache=s.cache)
-        return _State(step=s.step + 1, logits=logits[:, 0], cache=cache, pos=s.pos + active.astype(jnp.int32), done=done,
-                      reason=reason, lengths=lengths, tokens=tokens, lp=lps, lp_proc=lpps, stop_state=stop_state, key=key)  # fmt: skip
+        logits, cache = forward(
+            params, tok[:, None], s.pos[:, None], cfg, segment_ids=active[:, None].astype(jnp.int32), cache=s.cache
+        )
+        return _State(
+            step=s.step + 1,
+            logits=logits[:, 0],
+            cache=cache,
+            pos=s.pos + active.astype(jnp.int32),
+            done=done,
+            reason=reason,
+            lengths=lengths,
+            tokens=tokens,
+            lp=lps,
+            lp_proc=lpps,
+            stop_state=stop_state,
+            key=key,
+        )
 
     s = jax.lax.while_loop(cond, body, state)
     return SampleOutput(tokens=s.tokens, lengths=s.lengths, logprobs=s.lp, logprobs_processed=s.lp_proc, stop_reason=s.reason)
@@ -244,9 +300,17 @@ class Sampler:
         # Model rows past the tokenizer's vocabulary (padding) can never be decoded: never sample them.
         self.valid_vocab = int(tokenizer.vocab_size) if tokenizer.vocab_size < cfg.vocab_size else None
 
-    def generate_tokens(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingParams,
-                        key=None, num_samples: int = 1, stop_strings: Sequence[str] = (),
-                        forced_prefix: Sequence[Sequence[int]] | None = None) -> SampleOutput:  # fmt: skip
+    def generate_tokens(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        key=None,
+        num_samples: int = 1,
+        stop_strings: Sequence[str] = (),
+        forced_prefix: Sequence[Sequence[int]] | None = None,
+    ) -> SampleOutput:
         B = len(prompts)
         if B == 0:
             raise ValueError("no prompts")
@@ -259,7 +323,7 @@ class Sampler:
         pad = self.tokenizer.pad_id
         toks = np.full((B, P), pad, np.int32)
         for i, p in enumerate(prompts):
-            toks[i, P - len(p):] = p
+            toks[i, P - len(p) :] = p
         lens = np.array([len(p) for p in prompts], np.int32)
         fp = forced_prefix or [[] for _ in prompts]
         F = bucket(max(1, max(len(f) for f in fp)), 1)
@@ -269,21 +333,51 @@ class Sampler:
         flens = np.array([len(f) for f in fp], np.int32)
         dfa, accept = build_stop_automata(stop_strings)
         key = jax.random.key(0) if key is None else key
-        out = generate(self.params, toks, lens, key, ftoks, flens, dfa, accept, self.tok_bytes, self.tok_len, cfg=self.cfg,
-                       sampling=sampling, max_new_tokens=N, num_samples=num_samples, eos_ids=self.eos_ids, pad_id=pad,
-                       valid_vocab=self.valid_vocab)  # fmt: skip
+        out = generate(
+            self.params,
+            toks,
+            lens,
+            key,
+            ftoks,
+            flens,
+            dfa,
+            accept,
+            self.tok_bytes,
+            self.tok_len,
+            cfg=self.cfg,
+            sampling=sampling,
+            max_new_tokens=N,
+            num_samples=num_samples,
+            eos_ids=self.eos_ids,
+            pad_id=pad,
+            valid_vocab=self.valid_vocab,
+        )
         out = fetch(out)  # host copies (in a multi-process run, gathered from every process)
         if N != max_new_tokens:  # trim the bucket back to what was asked for
             over = out.lengths > max_new_tokens
-            out = SampleOutput(tokens=out.tokens[:, :max_new_tokens], lengths=np.minimum(out.lengths, max_new_tokens),
-                               logprobs=out.logprobs[:, :max_new_tokens], logprobs_processed=out.logprobs_processed[:, :max_new_tokens],
-                               stop_reason=np.where(over, STOP_LENGTH, out.stop_reason))  # fmt: skip
+            out = SampleOutput(
+                tokens=out.tokens[:, :max_new_tokens],
+                lengths=np.minimum(out.lengths, max_new_tokens),
+                logprobs=out.logprobs[:, :max_new_tokens],
+                logprobs_processed=out.logprobs_processed[:, :max_new_tokens],
+                stop_reason=np.where(over, STOP_LENGTH, out.stop_reason),
+            )
         return out
 
-    def complete(self, prompts: Sequence[str], *, max_new_tokens: int = 128, sampling: SamplingParams = SamplingParams(),
-                 key=None, num_samples: int = 1, stop_strings: Sequence[str] = ()) -> list[Completion]:  # fmt: skip
+    def complete(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams = SamplingParams(),
+        key=None,
+        num_samples: int = 1,
+        stop_strings: Sequence[str] = (),
+    ) -> list[Completion]:
         ids = [self._encode_prompt(p) for p in prompts]
-        out = self.generate_tokens(ids, max_new_tokens=max_new_tokens, sampling=sampling, key=key, num_samples=num_samples, stop_strings=stop_strings)
+        out = self.generate_tokens(
+            ids, max_new_tokens=max_new_tokens, sampling=sampling, key=key, num_samples=num_samples, stop_strings=stop_strings
+        )
         results = []
         for r in range(len(prompts) * num_samples):
             n = int(out.lengths[r])
@@ -292,8 +386,16 @@ class Sampler:
             text = self.tokenizer.decode([t for t in toks if t not in self.eos_ids] if reason == STOP_EOS else toks)
             if reason == STOP_STRING:
                 text = trim_at_stop(text, stop_strings)
-            results.append(Completion(prompt=prompts[r // num_samples], text=text, tokens=toks, logprobs=out.logprobs[r, :n].tolist(),
-                                      logprobs_processed=out.logprobs_processed[r, :n].tolist(), stop_reason=STOP_REASONS[reason]))  # fmt: skip
+            results.append(
+                Completion(
+                    prompt=prompts[r // num_samples],
+                    text=text,
+                    tokens=toks,
+                    logprobs=out.logprobs[r, :n].tolist(),
+                    logprobs_processed=out.logprobs_processed[r, :n].tolist(),
+                    stop_reason=STOP_REASONS[reason],
+                )
+            )
         return results
 
     def _encode_prompt(self, text: str) -> list[int]:

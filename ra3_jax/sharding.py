@@ -6,6 +6,7 @@ Conventions (dimension letters used across the project):
 Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel + parameter/optimizer sharding),
 ``tensor`` (Megatron-style: heads and d_ff split).
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,8 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -72,8 +74,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, d
         if granules != dcn_data:
             what = "TPU slices" if on_tpu else "processes"
             raise ValueError(f"mesh.dcn_data={dcn_data} but the run has {granules} {what}; set dcn_data to that count")
-        arr = mesh_utils.create_hybrid_device_mesh([sizes[0] // dcn_data, sizes[1], sizes[2]], [dcn_data, 1, 1], devices,
-                                                   process_is_granule=not on_tpu, allow_split_physical_axes=True)  # fmt: skip
+        arr = mesh_utils.create_hybrid_device_mesh(
+            [sizes[0] // dcn_data, sizes[1], sizes[2]],
+            [dcn_data, 1, 1],
+            devices,
+            process_is_granule=not on_tpu,
+            allow_split_physical_axes=True,
+        )
     elif devices[0].platform == "tpu":
         from jax.experimental import mesh_utils  # physical-topology-aware device order (ICI torus)
 

@@ -1,11 +1,13 @@
 """Tokenizers behind one small interface: sentencepiece (train + load) and GGUF / HF byte-level BPE."""
+
 from __future__ import annotations
 
 import io
 import json
 import os
 import shutil
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 
 class TokenizerError(ValueError):
@@ -30,7 +32,11 @@ class Tokenizer(Protocol):
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 byte-level BPE's byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -68,7 +74,7 @@ class HFTokenizer:
         self.add_bos = bool(add_bos and bos_id is not None)
 
     @classmethod
-    def from_file(cls, path: str) -> "HFTokenizer":
+    def from_file(cls, path: str) -> HFTokenizer:
         from tokenizers import Tokenizer as TK
 
         path = os.path.expanduser(path)
@@ -87,8 +93,9 @@ class HFTokenizer:
         return cls(tk, **meta)
 
     @classmethod
-    def from_gguf(cls, path: str) -> "HFTokenizer":
-        from tokenizers import Regex, Tokenizer as TK, decoders, models, pre_tokenizers
+    def from_gguf(cls, path: str) -> HFTokenizer:
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as TK
 
         from ra3_jax.model.convert import _field, _gguf_reader
 
@@ -114,7 +121,10 @@ class HFTokenizer:
             if pre != "qwen2":
                 pat = pat.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
             tk.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(Regex(pat), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+                [
+                    pre_tokenizers.Split(Regex(pat), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
             )
         else:
             raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, gpt2, qwen2, llama-bpe)")
@@ -124,8 +134,9 @@ class HFTokenizer:
         special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
         tk.add_special_tokens(special)
         bos = _field(reader, "tokenizer.ggml.bos_token_id")
-        return cls(tk, bos_id=None if bos is None else int(bos),
-                   add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))  # fmt: skip
+        return cls(
+            tk, bos_id=None if bos is None else int(bos), add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+        )
 
     def encode(self, text: str) -> list[int]:
         ids = self._tk.encode(text, add_special_tokens=False).ids
@@ -222,9 +233,17 @@ class SentencePieceTokenizer:
         return directory
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, *, model_type: str = "bpe",
-                        max_sentence_length: int = 1 << 16, input_sentence_size: int = 0, seed: int = 0,
-                        num_threads: int | None = None) -> SentencePieceTokenizer:  # fmt: skip
+def train_sentencepiece(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_dir: str,
+    *,
+    model_type: str = "bpe",
+    max_sentence_length: int = 1 << 16,
+    input_sentence_size: int = 0,
+    seed: int = 0,
+    num_threads: int | None = None,
+) -> SentencePieceTokenizer:
     """Train a code-friendly sentencepiece model (identity normalization, whitespace kept, byte fallback).
 
     Each text is split into lines (sentencepiece's unit); newline and tab are user symbols so every text
@@ -245,13 +264,29 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, *, 
     buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines(), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-            allow_whitespace_only_pieces=True, byte_fallback=True, user_defined_symbols=["\n", "\t"],
-            max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
-            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, train_extremely_large_corpus=False,
-        )  # fmt: skip
+            sentence_iterator=lines(),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            byte_fallback=True,
+            user_defined_symbols=["\n", "\t"],
+            max_sentence_length=max_sentence_length,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            hard_vocab_limit=False,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+            train_extremely_large_corpus=False,
+        )
     except RuntimeError as e:
         raise TokenizerError(f"sentencepiece training failed: {e}") from None
     os.makedirs(out_dir, exist_ok=True)

@@ -8,6 +8,7 @@ that names the plan (`# thought: plan <word>`) makes every item a deterministic 
 uniform within its family, so a rationale costs exactly what the code's hidden information costs (log 8 nats):
 any gain comes from easier learning, not from free information.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,13 +16,51 @@ import os
 import numpy as np
 
 FAMILIES = ["red", "green", "blue", "gold"]
-PLANS = ["amber", "basil", "cedar", "delta", "ember", "fjord", "grove", "haze",
-         "iris", "jade", "kelp", "lotus", "maple", "nova", "onyx", "pearl",
-         "quartz", "raven", "sage", "tulip", "umber", "violet", "willow", "xenon",
-         "yarrow", "zinc", "acorn", "birch", "coral", "dune", "elm", "fern"]  # fmt: skip
+PLANS = [
+    "amber",
+    "basil",
+    "cedar",
+    "delta",
+    "ember",
+    "fjord",
+    "grove",
+    "haze",
+    "iris",
+    "jade",
+    "kelp",
+    "lotus",
+    "maple",
+    "nova",
+    "onyx",
+    "pearl",
+    "quartz",
+    "raven",
+    "sage",
+    "tulip",
+    "umber",
+    "violet",
+    "willow",
+    "xenon",
+    "yarrow",
+    "zinc",
+    "acorn",
+    "birch",
+    "coral",
+    "dune",
+    "elm",
+    "fern",
+]
 N_SUB = 8  # plans per family
-OPS = [("scale", "shift"), ("clip", "wrap"), ("sort", "flip"), ("sum", "max"),
-       ("absv", "sqr"), ("logv", "expv"), ("minv", "mean"), ("inc", "dec")]  # fmt: skip
+OPS = [
+    ("scale", "shift"),
+    ("clip", "wrap"),
+    ("sort", "flip"),
+    ("sum", "max"),
+    ("absv", "sqr"),
+    ("logv", "expv"),
+    ("minv", "mean"),
+    ("inc", "dec"),
+]
 
 
 def _tables(seed: int = 1234) -> np.ndarray:
@@ -34,7 +73,7 @@ def _tables(seed: int = 1234) -> np.ndarray:
             block = np.stack([rng.permutation([0] * (N_SUB // 2) + [1] * (N_SUB // 2)) for _ in range(8)], axis=1)
             if len({tuple(r) for r in block}) == N_SUB:
                 break
-        bits[f * N_SUB:(f + 1) * N_SUB] = block
+        bits[f * N_SUB : (f + 1) * N_SUB] = block
     return bits
 
 

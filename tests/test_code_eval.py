@@ -1,12 +1,21 @@
 """Code benchmarks (tfds builders over ../shared/data), their checks in the sandbox, prompts and pass@k reports."""
+
 import os
 import re
 
 import pytest
 
 from ra3_jax.data.code_benchmarks import BenchmarkError, load_benchmark, read_tasks
-from ra3_jax.evaluation.code_eval import (DEFAULT_LIMITS, REFERENCE_CPU_S, REFERENCE_FACTOR, PromptFormat,
-                                          check_completions, cut_at_stops, evaluate_model, task_limits)
+from ra3_jax.evaluation.code_eval import (
+    DEFAULT_LIMITS,
+    REFERENCE_CPU_S,
+    REFERENCE_FACTOR,
+    PromptFormat,
+    check_completions,
+    cut_at_stops,
+    evaluate_model,
+    task_limits,
+)
 from ra3_jax.execution import Sandbox
 
 EXPECTED = {"humaneval": 164, "humaneval+": 164, "mbpp": 974, "mbpp_sanitized": 427, "mbpp+": 378}
@@ -41,7 +50,7 @@ def test_canonical_solutions_pass_and_stubs_fail(name, tfds_dir, sandbox, shared
     rows = check_completions(tasks, [[c] for c in canon], fmt, sandbox)
     failed = [(r["task_id"], r["status"], r["detail"]) for r in rows if not r["passed"]]
     assert not failed, failed[:5]
-    stubs = [[stub(name, t)[len(t["prefix"]):] if name.startswith("humaneval") else stub(name, t)] for t in tasks]
+    stubs = [[stub(name, t)[len(t["prefix"]) :] if name.startswith("humaneval") else stub(name, t)] for t in tasks]
     rows = check_completions(tasks, stubs, fmt, sandbox)
     passed = [r["task_id"] for r in rows if r["passed"]]
     assert not passed, passed[:5]
@@ -60,8 +69,10 @@ def test_find_zero_special_oracle(tfds_dir, sandbox, shared_data):
 
 
 def test_mbpp_splits_and_fields(tfds_dir, shared_data):
-    sizes = {s: len(load_benchmark("mbpp", s, data_dir=shared_data, tfds_dir=tfds_dir))
-             for s in ("prompt", "test", "validation", "train")}
+    sizes = {
+        s: len(load_benchmark("mbpp", s, data_dir=shared_data, tfds_dir=tfds_dir))
+        for s in ("prompt", "test", "validation", "train")
+    }
     assert sizes == {"prompt": 10, "test": 500, "validation": 90, "train": 374}
     t = load_benchmark("mbpp+", data_dir=shared_data, tfds_dir=tfds_dir)[0]
     assert t["task_id"] == "Mbpp/2" and t["example_test"].startswith("assert set(similar_elements(")
@@ -113,8 +124,18 @@ def test_evaluate_model_pass_at_k(tfds_dir, sandbox, tmp_path, shared_data):
             out.append([good if s < i else "    return None\n" for s in range(n)])
         return out
 
-    rep = evaluate_model(generate, tasks, fmt, sandbox, n_samples=4, temperature=0.8, ks=(1, 2, 10), batch_tasks=3,
-                         out_dir=str(tmp_path), progress=False)
+    rep = evaluate_model(
+        generate,
+        tasks,
+        fmt,
+        sandbox,
+        n_samples=4,
+        temperature=0.8,
+        ks=(1, 2, 10),
+        batch_tasks=3,
+        out_dir=str(tmp_path),
+        progress=False,
+    )
     assert rep.n_tasks == 4 and set(rep.pass_at) == {1, 2}
     assert rep.pass_at[1] == pytest.approx((0 + 1 + 2 + 3) / 16)
     # pass@2 per task: 1 - C(4-c,2)/C(4,2) = 0, 1/2, 5/6, 1

@@ -1,4 +1,5 @@
 import os
+
 import pytest
 
 from ra3_jax.config import ConfigError, load_config
@@ -17,7 +18,9 @@ def test_shipped_configs_load():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(f"{REPO}/configs/tiny_cpu.yaml", ["optim.lr=1e-2", "train.steps=7", "model.qkv_bias=true", "data.source_dirs=a,b"])
+    cfg = load_config(
+        f"{REPO}/configs/tiny_cpu.yaml", ["optim.lr=1e-2", "train.steps=7", "model.qkv_bias=true", "data.source_dirs=a,b"]
+    )
     assert cfg.optim.lr == 0.01 and cfg.train.steps == 7 and cfg.model.qkv_bias is True and cfg.data.source_dirs == ["a", "b"]
 
 
@@ -42,8 +45,12 @@ def test_bad_values():
 def test_rlvr_section_validation():
     cfg = load_config(None, ["rlvr.group_size=4", "rlvr.advantage=rloo", "rlvr.micro_batch=8"])
     assert (cfg.rlvr.group_size, cfg.rlvr.advantage, cfg.rlvr.micro_batch) == (4, "rloo", 8)
-    for bad, msg in [("rlvr.group_size=1", "at least 2 samples"), ("rlvr.advantage=ppo", "rlvr.advantage"),
-                     ("rlvr.micro_batch=-1", "micro_batch"), ("rlvr.timeout_s=0", "timeout_s"),
-                     ("rlvr.promts_per_step=4", "Did you mean 'prompts_per_step'")]:
+    for bad, msg in [
+        ("rlvr.group_size=1", "at least 2 samples"),
+        ("rlvr.advantage=ppo", "rlvr.advantage"),
+        ("rlvr.micro_batch=-1", "micro_batch"),
+        ("rlvr.timeout_s=0", "timeout_s"),
+        ("rlvr.promts_per_step=4", "Did you mean 'prompts_per_step'"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             load_config(None, [bad])

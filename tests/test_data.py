@@ -1,5 +1,3 @@
-import os
-
 import numpy as np
 import pytest
 
@@ -49,8 +47,9 @@ def test_packing_segments_positions_and_targets(tmp_path, spm_tokenizer):
 
 
 def test_iterator_state_restores_exactly(small_corpus_cfg, spm_tokenizer):
-    from ra3_jax.train.checkpoint import _detuple, _jsonable
     import json
+
+    from ra3_jax.train.checkpoint import _detuple, _jsonable
 
     src = build_corpus(small_corpus_cfg)["train"]
     ds = make_dataset(src, spm_tokenizer, seq_len=64, batch_size=4, seed=3)
@@ -90,7 +89,9 @@ def test_empty_corpus_and_non_utf8_errors(tmp_path):
     (bad / "latin.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
     with pytest.raises(CorpusError, match=r"not valid UTF-8: .*latin.py.*skip_non_utf8"):
         build_corpus(DataSection(source_dirs=[str(bad)], tfds_dir=str(tmp_path / "tfds"), validation_fraction=0.0))
-    src = build_corpus(DataSection(source_dirs=[str(bad)], tfds_dir=str(tmp_path / "tfds"), validation_fraction=0.0, skip_non_utf8=True))
+    src = build_corpus(
+        DataSection(source_dirs=[str(bad)], tfds_dir=str(tmp_path / "tfds"), validation_fraction=0.0, skip_non_utf8=True)
+    )
     assert len(src["train"]) == 1 and src["train"][0]["path"] == b"good.py"
     with pytest.raises(CorpusError, match="not found"):
         build_corpus(DataSection(source_dirs=[str(tmp_path / "nope")], tfds_dir=str(tmp_path / "tfds")))

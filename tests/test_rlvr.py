@@ -1,5 +1,6 @@
 """RLVR (GRPO with sandbox rewards): hand-computed update pieces, task streaming, and a tiny-model run on a
 synthetic "return the constant K" task where the reward must rise; resume after interruption is exact."""
+
 import json
 import os
 
@@ -46,15 +47,33 @@ def test_grpo_update_loss_and_entropy_hand_computed():
     toks = rng.integers(1, 32, (N, T + 1)).astype(np.int32)
     mask = np.zeros((N, T), np.float32)
     for i in range(N):
-        mask[i, 2: 2 + 1 + i % 4] = 1  # 1..4 response tokens per row
+        mask[i, 2 : 2 + 1 + i % 4] = 1  # 1..4 response tokens per row
     rewards = np.array([1, 0, 0, 0, 1, 1, 0, 0], np.float32)
-    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "positions": np.tile(np.arange(T, dtype=np.int32), (N, 1)),
-             "segment_ids": np.ones((N, T), np.int32), "resp_mask": mask, "old_logp": np.zeros((N, T), np.float32),
-             "rewards": rewards}  # fmt: skip
+    batch = {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "positions": np.tile(np.arange(T, dtype=np.int32), (N, 1)),
+        "segment_ids": np.ones((N, T), np.int32),
+        "resp_mask": mask,
+        "old_logp": np.zeros((N, T), np.float32),
+        "rewards": rewards,
+    }
     tx = optax.sgd(0.0)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    _, m = grpo_update(state, None, batch, cfg=cfg, tx=tx, G=G, clip_eps=0.2, advantage="grpo", kl_coef=0.0,
-                       kl_estimator="k3", aggregation="token", on_policy=True)  # fmt: skip
+    _, m = grpo_update(
+        state,
+        None,
+        batch,
+        cfg=cfg,
+        tx=tx,
+        G=G,
+        clip_eps=0.2,
+        advantage="grpo",
+        kl_coef=0.0,
+        kl_estimator="k3",
+        aggregation="token",
+        on_policy=True,
+    )
     # GRPO advantages by hand: group 1 = [1,0,0,0] -> mean 1/4, std sqrt(3)/4; group 2 = [1,1,0,0] -> +-1
     s = np.sqrt(3) / 4
     adv = np.array([0.75 / s, -0.25 / s, -0.25 / s, -0.25 / s, 1, 1, -1, -1])
@@ -68,12 +87,35 @@ def test_grpo_update_loss_and_entropy_hand_computed():
     # micro-batches of 2 rows (scan with gradient accumulation) take the same step
     for agg in ("token", "sequence"):
         sgd = optax.sgd(1.0)
-        full, mf = grpo_update(TrainState(jnp.zeros((), jnp.int32), params, sgd.init(params)), None, batch, cfg=cfg, tx=sgd,
-                               G=G, clip_eps=0.2, advantage="grpo", kl_coef=0.0, kl_estimator="k3", aggregation=agg,
-                               on_policy=True)  # fmt: skip
-        part, mp = grpo_update(TrainState(jnp.zeros((), jnp.int32), params, sgd.init(params)), None, batch, cfg=cfg, tx=sgd,
-                               G=G, clip_eps=0.2, advantage="grpo", kl_coef=0.0, kl_estimator="k3", aggregation=agg,
-                               on_policy=True, micro_batch=2)  # fmt: skip
+        full, mf = grpo_update(
+            TrainState(jnp.zeros((), jnp.int32), params, sgd.init(params)),
+            None,
+            batch,
+            cfg=cfg,
+            tx=sgd,
+            G=G,
+            clip_eps=0.2,
+            advantage="grpo",
+            kl_coef=0.0,
+            kl_estimator="k3",
+            aggregation=agg,
+            on_policy=True,
+        )
+        part, mp = grpo_update(
+            TrainState(jnp.zeros((), jnp.int32), params, sgd.init(params)),
+            None,
+            batch,
+            cfg=cfg,
+            tx=sgd,
+            G=G,
+            clip_eps=0.2,
+            advantage="grpo",
+            kl_coef=0.0,
+            kl_estimator="k3",
+            aggregation=agg,
+            on_policy=True,
+            micro_batch=2,
+        )
         assert float(mp["loss"]) == pytest.approx(float(mf["loss"]), rel=1e-5, abs=1e-6)
         assert float(mp["entropy"]) == pytest.approx(float(mf["entropy"]), rel=1e-5)
         for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(part.params)):
@@ -103,24 +145,72 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
 
     texts = _constant_corpus(str(tmp_path / "src"), 600, 0)
     tok = train_sentencepiece(texts * 4, 320, str(tmp_path / "tok"))
-    common = [f"tokenizer.kind=sentencepiece", f"tokenizer.path={tmp_path / 'tok'}", f"data.tfds_dir={tmp_path / 'tfds'}",
-              "data.exclude_tests=false", "data.seq_len=64", "data.batch_size=16", "train.progress=false", "mesh.data=-1"]  # fmt: skip
-    model = [f"model.vocab_size={tok.vocab_size}", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-             "model.d_ff=128", "model.max_seq_len=1024"]  # fmt: skip
-    train(load_config(None, common + model + [f"data.source_dirs=[{tmp_path / 'src'}]", "train.steps=120", "optim.lr=3e-3",
-                                              f"train.out_dir={tmp_path / 'pre'}", "optim.warmup_steps=10", "train.eval_every=0",
-                                              "train.ckpt_every=120", "data.validation_fraction=0.0"]), mode="pretrain")  # fmt: skip
+    common = [
+        "tokenizer.kind=sentencepiece",
+        f"tokenizer.path={tmp_path / 'tok'}",
+        f"data.tfds_dir={tmp_path / 'tfds'}",
+        "data.exclude_tests=false",
+        "data.seq_len=64",
+        "data.batch_size=16",
+        "train.progress=false",
+        "mesh.data=-1",
+    ]
+    model = [
+        f"model.vocab_size={tok.vocab_size}",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.d_ff=128",
+        "model.max_seq_len=1024",
+    ]
+    train(
+        load_config(
+            None,
+            common
+            + model
+            + [
+                f"data.source_dirs=[{tmp_path / 'src'}]",
+                "train.steps=120",
+                "optim.lr=3e-3",
+                f"train.out_dir={tmp_path / 'pre'}",
+                "optim.warmup_steps=10",
+                "train.eval_every=0",
+                "train.ckpt_every=120",
+                "data.validation_fraction=0.0",
+            ],
+        ),
+        mode="pretrain",
+    )
     tasks = tmp_path / "tasks.jsonl"
     with open(tasks, "w") as f:
         for i in range(4):
             f.write(json.dumps({"task_id": f"const/{i}", "prompt": "def f():\n", "test": f"assert f() == {K}\n"}) + "\n")
 
     def rl_cfg(out, steps, extra=()):
-        return load_config(None, common + [
-            "model.init=orbax", f"model.path={tmp_path / 'pre'}", f"rlvr.tasks_file={tasks}", "rlvr.prompts_per_step=4",
-            "rlvr.group_size=8", "rlvr.max_new_tokens=8", "rlvr.eval_benchmarks=[]", "rlvr.timeout_s=5",
-            "optim.lr=1e-3", "optim.schedule=constant", "optim.warmup_steps=1", "optim.weight_decay=0",
-            f"train.steps={steps}", "train.ckpt_every=4", "train.eval_every=0", f"train.out_dir={out}", *extra])  # fmt: skip
+        return load_config(
+            None,
+            common
+            + [
+                "model.init=orbax",
+                f"model.path={tmp_path / 'pre'}",
+                f"rlvr.tasks_file={tasks}",
+                "rlvr.prompts_per_step=4",
+                "rlvr.group_size=8",
+                "rlvr.max_new_tokens=8",
+                "rlvr.eval_benchmarks=[]",
+                "rlvr.timeout_s=5",
+                "optim.lr=1e-3",
+                "optim.schedule=constant",
+                "optim.warmup_steps=1",
+                "optim.weight_decay=0",
+                f"train.steps={steps}",
+                "train.ckpt_every=4",
+                "train.eval_every=0",
+                f"train.out_dir={out}",
+                *extra,
+            ],
+        )
 
     RLVRTrainer(rl_cfg(tmp_path / "rl", 16)).run()
     rows = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
@@ -128,8 +218,9 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
     first, last = np.mean(rewards[:3]), np.mean(rewards[-4:])
     print("rlvr rewards:", [round(x, 2) for x in rewards])
     assert first < 0.4 and last > first + 0.3, rewards
-    assert {"rollout_s", "reward_s", "update_s", "reward_share", "kl", "entropy", "response_len",
-            "rollout_tokens_per_s"} <= set(rows[-1])
+    assert {"rollout_s", "reward_s", "update_s", "reward_share", "kl", "entropy", "response_len", "rollout_tokens_per_s"} <= set(
+        rows[-1]
+    )
 
     # resume: 4 steps, then the same run continued to 8, against 8 uninterrupted steps
     RLVRTrainer(rl_cfg(tmp_path / "a", 4)).run()
@@ -137,11 +228,25 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
     assert ra.start == 4 and ra.cursor == 16
     ra.run()
     # the uninterrupted run also evaluates greedy pass@1 on 2 HumanEval tasks at steps 0, 4 and 8
-    rb = RLVRTrainer(rl_cfg(tmp_path / "b", 8, [f"rlvr.data_dir={shared_data}", "rlvr.eval_benchmarks=[humaneval]",
-                                                "rlvr.eval_tasks=2", "rlvr.eval_max_new_tokens=8", "train.eval_every=4"]))
+    rb = RLVRTrainer(
+        rl_cfg(
+            tmp_path / "b",
+            8,
+            [
+                f"rlvr.data_dir={shared_data}",
+                "rlvr.eval_benchmarks=[humaneval]",
+                "rlvr.eval_tasks=2",
+                "rlvr.eval_max_new_tokens=8",
+                "train.eval_every=4",
+            ],
+        )
+    )
     rb.run()
-    evals = [(r["step"], r["eval/humaneval/pass@1"]) for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl"))
-             if "eval/humaneval/pass@1" in r]
+    evals = [
+        (r["step"], r["eval/humaneval/pass@1"])
+        for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl"))
+        if "eval/humaneval/pass@1" in r
+    ]
     assert [s for s, _ in evals] == [0, 4, 8] and all(v == 0.0 for _, v in evals)  # a digit model solves nothing
     assert (tmp_path / "b" / "eval" / "step_8" / "humaneval" / "results.jsonl").exists()
     for x, y in zip(jax.tree.leaves(ra.state.params), jax.tree.leaves(rb.state.params)):
@@ -150,14 +255,46 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
     # the CLI on the same run: `ra3 eval` with this model (2 HumanEval tasks) and `ra3 report`
     from ra3_jax.cli import main
 
-    model_args = common + [f"model.init=orbax", f"model.path={tmp_path / 'pre'}", f"train.out_dir={tmp_path / 'rl'}"]
-    assert main(["eval", "--benchmark", "humaneval", "--data-dir", shared_data, "--limit", "2", "--max-new-tokens", "8",
-                 "--k", "1", "--out", str(tmp_path / "ev"), *model_args]) == 0
+    model_args = common + ["model.init=orbax", f"model.path={tmp_path / 'pre'}", f"train.out_dir={tmp_path / 'rl'}"]
+    assert (
+        main(
+            [
+                "eval",
+                "--benchmark",
+                "humaneval",
+                "--data-dir",
+                shared_data,
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--k",
+                "1",
+                "--out",
+                str(tmp_path / "ev"),
+                *model_args,
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in open(tmp_path / "ev" / "results.jsonl")]
     assert len(rows) == 2 and {r["task_id"] for r in rows} == {"HumanEval/0", "HumanEval/1"}
-    assert main(["report", str(tmp_path / "rl"), str(tmp_path / "b"), "--out", str(tmp_path / "rep"),
-                 "--label", "long", "--label", "resumed"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(tmp_path / "rl"),
+                str(tmp_path / "b"),
+                "--out",
+                str(tmp_path / "rep"),
+                "--label",
+                "long",
+                "--label",
+                "resumed",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "rep" / "reward.png").stat().st_size > 5000
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| long | 16 |" in md and "| resumed | 8 |" in md and "reward.png" in md
-

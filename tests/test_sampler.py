@@ -1,5 +1,6 @@
 """In-graph sampler against independent references: a naive re-forward greedy loop, teacher-forced
 logprobs, numpy top-k/top-p sets, and a plain byte search for stop strings."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from ra3_jax.model import LlamaConfig, forward, init_params
 from ra3_jax.objectives.ntp import token_logprobs
-from ra3_jax.sampler import STOP_EOS, STOP_LENGTH, STOP_STRING, SamplingParams, Sampler, build_stop_automata
+from ra3_jax.sampler import STOP_EOS, STOP_LENGTH, STOP_STRING, Sampler, SamplingParams, build_stop_automata
 
 CFG = LlamaConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=512)
 LOGPROB_ATOL = 1e-4  # sampler (KV cache, incremental) vs trainer (one teacher-forced pass), float32
@@ -37,7 +38,7 @@ def naive_greedy(params, cfg, prompt, n, width=64):
         seg = (np.arange(width) < L).astype(np.int32)[None]
         logits, _ = fwd(params, toks, np.arange(width)[None], cfg, segment_ids=seg)
         seq.append(int(jnp.argmax(logits[0, L - 1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 PROMPTS = [[5, 17, 99, 3, 250, 8, 41], [300], [12, 12, 13, 200, 201, 202, 7, 7, 9, 1, 2, 3, 4, 5, 6, 7, 8, 11, 400]]
@@ -63,7 +64,7 @@ def test_right_padded_input_is_equivalent(params, spm_tokenizer):
     left = np.zeros((3, P), np.int32)
     right = np.zeros((3, P), np.int32)
     for i, p in enumerate(PROMPTS):
-        left[i, P - len(p):] = p
+        left[i, P - len(p) :] = p
         right[i, : len(p)] = p
     f = np.zeros((3, 1), np.int32)
     kw = dict(cfg=CFG, sampling=SamplingParams(temperature=0.0), max_new_tokens=8)
@@ -77,13 +78,17 @@ def test_logprobs_equal_teacher_forced_trainer_logprobs(sampler, params):
     out = sampler.generate_tokens(PROMPTS, max_new_tokens=10, sampling=sp, key=jax.random.key(1))
     for i, p in enumerate(PROMPTS):
         seq = np.array(p + out.tokens[i].tolist(), np.int32)
-        batch = {"inputs": seq[None, :-1], "targets": seq[None, 1:], "positions": np.arange(len(seq) - 1)[None],
-                 "segment_ids": np.ones((1, len(seq) - 1), np.int32)}  # fmt: skip
-        tf = np.asarray(token_logprobs(params, batch, CFG))[0, len(p) - 1:]
+        batch = {
+            "inputs": seq[None, :-1],
+            "targets": seq[None, 1:],
+            "positions": np.arange(len(seq) - 1)[None],
+            "segment_ids": np.ones((1, len(seq) - 1), np.int32),
+        }
+        tf = np.asarray(token_logprobs(params, batch, CFG))[0, len(p) - 1 :]
         np.testing.assert_allclose(out.logprobs[i], tf, atol=LOGPROB_ATOL)
         # processed logprobs: the same logits through temperature and top-k (reference in numpy)
         logits, _ = forward(params, jnp.array(seq[None, :-1]), jnp.arange(len(seq) - 1)[None], CFG)
-        lg = np.asarray(logits[0, len(p) - 1:], np.float64) / sp.temperature
+        lg = np.asarray(logits[0, len(p) - 1 :], np.float64) / sp.temperature
         kth = np.sort(lg, -1)[:, -sp.top_k][:, None]
         lg = np.where(lg < kth, -np.inf, lg)
         ref = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
@@ -93,8 +98,11 @@ def test_logprobs_equal_teacher_forced_trainer_logprobs(sampler, params):
 def test_top_k_top_p_only_emit_allowed_tokens():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, 512)) * 3, jnp.float32)
-    for sp in (SamplingParams(temperature=1.0, top_k=7), SamplingParams(temperature=0.8, top_p=0.5),
-               SamplingParams(temperature=1.3, top_k=20, top_p=0.9)):  # fmt: skip
+    for sp in (
+        SamplingParams(temperature=1.0, top_k=7),
+        SamplingParams(temperature=0.8, top_p=0.5),
+        SamplingParams(temperature=1.3, top_k=20, top_p=0.9),
+    ):
         x = np.asarray(logits, np.float64) / sp.temperature
         allowed = np.ones_like(x, bool)
         if sp.top_k:
@@ -110,7 +118,7 @@ def test_top_k_top_p_only_emit_allowed_tokens():
             np.put_along_axis(keep, order, keep_sorted, -1)
             allowed &= keep
         keys = jax.random.split(jax.random.key(3), 400)
-        toks = np.asarray(jax.vmap(lambda k: sp.sample(logits, k)[0])(keys))  # [400, 4]
+        toks = np.asarray(jax.vmap(lambda k, sp=sp: sp.sample(logits, k)[0])(keys))  # [400, 4]
         for r in range(4):
             assert allowed[r, toks[:, r]].all()
             assert len(set(toks[:, r])) > 1 or allowed[r].sum() == 1  # it samples, not argmax
@@ -177,10 +185,14 @@ def test_sharded_sampling_matches_single_device(params, spm_tokenizer):
     from ra3_jax.model.params import shard_params
 
     greedy = SamplingParams(temperature=0.0)
-    ref = Sampler(params, CFG, spm_tokenizer, eos_ids=[]).generate_tokens(PROMPTS + PROMPTS[:1], max_new_tokens=8, sampling=greedy)
+    ref = Sampler(params, CFG, spm_tokenizer, eos_ids=[]).generate_tokens(
+        PROMPTS + PROMPTS[:1], max_new_tokens=8, sampling=greedy
+    )
     mesh = sharding.make_mesh(2, 2, 2)
     sharded = shard_params(jax.device_get(params), CFG, mesh)
-    out = Sampler(sharded, CFG, spm_tokenizer, eos_ids=[]).generate_tokens(PROMPTS + PROMPTS[:1], max_new_tokens=8, sampling=greedy)
+    out = Sampler(sharded, CFG, spm_tokenizer, eos_ids=[]).generate_tokens(
+        PROMPTS + PROMPTS[:1], max_new_tokens=8, sampling=greedy
+    )
     np.testing.assert_array_equal(out.tokens, ref.tokens)
 
 
@@ -223,16 +235,37 @@ def test_sample_cli_streams_jsonl(spm_tokenizer, tfds_dir):
 
     prompts = "\n".join(json.dumps({"prompt": p}) for p in ["def f(x):\n", "import os\n", "class A:\n"])
     env = dict(os.environ, RA3_JAX_CACHE=os.path.join(CACHE, "jax_cache"), XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    p = subprocess.run([sys.executable, "-m", "ra3_jax.cli", "sample", "--config", f"{REPO}/configs/tiny_cpu.yaml",
-                        f"tokenizer.path={os.path.join(CACHE, 'spm512')}", "--max-new-tokens", "12", "--num-samples", "2",
-                        "--batch-size", "2"], input=prompts, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ra3_jax.cli",
+            "sample",
+            "--config",
+            f"{REPO}/configs/tiny_cpu.yaml",
+            f"tokenizer.path={os.path.join(CACHE, 'spm512')}",
+            "--max-new-tokens",
+            "12",
+            "--num-samples",
+            "2",
+            "--batch-size",
+            "2",
+        ],
+        input=prompts,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(line) for line in p.stdout.splitlines()]
     assert [r["index"] for r in rows] == [0, 0, 1, 1, 2, 2]
     # the CLI's random init (key 0) + greedy equals the in-process sampler on the same weights
     cfg = LlamaConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=512)
     ref = Sampler(init_params(cfg, jax.random.key(0)), cfg, spm_tokenizer).complete(
-        ["def f(x):\n", "import os\n", "class A:\n"], max_new_tokens=12, sampling=SamplingParams(temperature=0.0))
+        ["def f(x):\n", "import os\n", "class A:\n"], max_new_tokens=12, sampling=SamplingParams(temperature=0.0)
+    )
     for r in rows:
         assert r["tokens"] == ref[r["index"]].tokens and r["text"] == ref[r["index"]].text
         assert len(r["logprobs"]) == len(r["tokens"]) and r["stop_reason"] in ("length", "eos")
@@ -241,8 +274,9 @@ def test_sample_cli_streams_jsonl(spm_tokenizer, tfds_dir):
 def test_padded_model_vocab_never_samples_undecodable_ids(spm_tokenizer):
     """A model whose vocabulary is padded past the tokenizer's (here 512 + 256 rows, the padding rows made the
     most likely) samples only ids the tokenizer can decode; logprobs stay the model's full-vocabulary ones."""
-    cfg = LlamaConfig(vocab_size=768, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128,
-                      tie_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=768, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128, tie_embeddings=False
+    )
     p = init_params(cfg, jax.random.key(3))
     w = np.array(p["lm_head"])  # [D, V]; padding columns = 20x copies of real ones: they dominate every argmax
     w[:, 512:] = 20.0 * w[:, :256]

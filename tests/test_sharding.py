@@ -1,4 +1,5 @@
 """One train step on 8 fake CPU devices matches the 1-device step for several (data, fsdp, tensor) meshes."""
+
 import jax
 import numpy as np
 import pytest
@@ -24,7 +25,13 @@ def _batch(seed=0, B=8, T=32):
     seg[:, T // 2 :] = 2
     seg[-1, -5:] = 0  # some padding
     pos = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])[None].repeat(B, 0).astype(np.int32)
-    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg, "positions": pos, "loss_mask": (seg != 0).astype(np.float32)}
+    return {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "segment_ids": seg,
+        "positions": pos,
+        "loss_mask": (seg != 0).astype(np.float32),
+    }
 
 
 def _one_step(mesh):

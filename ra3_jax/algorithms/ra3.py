@@ -24,6 +24,7 @@ M-step), ``iter_<k>/estep/`` (policy state + latents accepted so far, step = E-s
 ``iter_<k>/bootstrap/`` (the corpus, atomic), ``ra3_metrics.jsonl`` (one row per iteration), ``metrics.jsonl``
 and ``tb/`` (M-step curves). Every stage resumes mid-stage after a kill with the same final result.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,8 @@ import optax
 
 from ra3_jax import distributed, sharding
 from ra3_jax.config import RunConfig
-from ra3_jax.data.boundaries import find_boundaries, indentation, split_steps
 from ra3_jax.data.bootstrap import BootstrapRecord, is_complete, make_bootstrap_dataset, write_bootstrap
+from ra3_jax.data.boundaries import find_boundaries, indentation, split_steps
 from ra3_jax.data.corpus import build_corpus
 from ra3_jax.data.pipeline import pad_rows
 from ra3_jax.distributed import fetch, put_global
@@ -55,10 +56,21 @@ from ra3_jax.objectives.ntp import token_logprobs
 from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient_loss
 from ra3_jax.sampler import Sampler, SamplingParams, bucket
 from ra3_jax.train.checkpoint import RunCheckpointer
-from ra3_jax.train.loop import (FAULT_ENV, MetricsWriter, TrainingError, check_vocab, data_state_to_save, global_batch,
-                                is_main_process, make_run_mesh, process_split_kwargs, raise_if_nonfinite, resolve_tokenizer,
-                                restore_data_state,
-                                write_run_metadata)  # fmt: skip
+from ra3_jax.train.loop import (
+    FAULT_ENV,
+    MetricsWriter,
+    TrainingError,
+    check_vocab,
+    data_state_to_save,
+    global_batch,
+    is_main_process,
+    make_run_mesh,
+    process_split_kwargs,
+    raise_if_nonfinite,
+    resolve_tokenizer,
+    restore_data_state,
+    write_run_metadata,
+)
 from ra3_jax.train.state import TrainState, abstract_state, create_state, make_optimizer, state_shardings
 from ra3_jax.train.step import jit_train_step
 
@@ -90,7 +102,9 @@ def make_documents(text: str, source_id: str, tokenizer, r) -> list[Document]:
 
     def flush():
         if cur and any(t for _, t in cur) and any(s.strip() for s, _ in cur):
-            docs.append(Document(f"{source_id}#{len(docs)}", [t for _, t in cur], [s for s, _ in cur], [indentation(s) for s, _ in cur]))
+            docs.append(
+                Document(f"{source_id}#{len(docs)}", [t for _, t in cur], [s for s, _ in cur], [indentation(s) for s, _ in cur])
+            )
 
     for s, t in zip(steps, toks):
         if cur and n + len(t) > r.max_doc_tokens:
@@ -152,8 +166,12 @@ def render_latent(indent: str, marker: str, body: str) -> str:
 
 # ------------------------------------------------------------------------------------------ device steps
 def _rows(batch, key):
-    return {"inputs": batch[f"{key}_inputs"], "targets": batch[f"{key}_targets"], "positions": batch[f"{key}_positions"],
-            "segment_ids": batch[f"{key}_segment_ids"]}  # fmt: skip
+    return {
+        "inputs": batch[f"{key}_inputs"],
+        "targets": batch[f"{key}_targets"],
+        "positions": batch[f"{key}_positions"],
+        "segment_ids": batch[f"{key}_segment_ids"],
+    }
 
 
 def score_rows(model_params, batch, *, cfg: LlamaConfig, G: int):
@@ -171,8 +189,21 @@ def score_rows(model_params, batch, *, cfg: LlamaConfig, G: int):
     return ll_z, ll_c, logp_ref, lat
 
 
-def estep_update(policy_state: TrainState, model_params, batch, *, cfg: LlamaConfig, tx, G: int, Lp: int, beta: float,
-                 advantage: str, kl_coef: float, kl_estimator: str, aggregation: str):  # fmt: skip
+def estep_update(
+    policy_state: TrainState,
+    model_params,
+    batch,
+    *,
+    cfg: LlamaConfig,
+    tx,
+    G: int,
+    Lp: int,
+    beta: float,
+    advantage: str,
+    kl_coef: float,
+    kl_estimator: str,
+    aggregation: str,
+):
     """Score with the frozen model, then one policy-gradient step of the policy on rationale tokens."""
     ll_z, ll_c, logp_ref, ref_tok = score_rows(model_params, batch, cfg=cfg, G=G)
     view = {k: v[:, :Lp] for k, v in _rows(batch, "lat").items()}  # ctx + z is a prefix of every latent row
@@ -194,8 +225,16 @@ def estep_update(policy_state: TrainState, model_params, batch, *, cfg: LlamaCon
     (loss, (logq, gain, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy_state.params)
     updates, opt_state = tx.update(grads, policy_state.opt_state, policy_state.params)
     params = optax.apply_updates(policy_state.params, updates)
-    out = {"ll_z": ll_z, "ll_c": ll_c, "logp_ref": logp_ref, "logq": logq, "gain": gain, "loss": loss, "kl": kl,
-           "grad_norm": optax.tree.norm(grads)}  # fmt: skip
+    out = {
+        "ll_z": ll_z,
+        "ll_c": ll_c,
+        "logp_ref": logp_ref,
+        "logq": logq,
+        "gain": gain,
+        "loss": loss,
+        "kl": kl,
+        "grad_norm": optax.tree.norm(grads),
+    }
     return TrainState(step=policy_state.step + 1, params=params, opt_state=opt_state), out
 
 
@@ -231,8 +270,10 @@ class LatentProposer:
         self.dp = sharding.data_parallel_size(mesh)
         self.n_pairs = -(-self.r.estep_batch_docs // self.dp) * self.dp  # fixed shapes: pad pairs to this
         self.sampler = Sampler(None, model_cfg, tokenizer)
-        self.tx = optax.chain(optax.clip_by_global_norm(cfg.optim.clip_norm or 1e9),
-                              optax.adamw(self.r.estep_lr, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps, weight_decay=0.0))  # fmt: skip
+        self.tx = optax.chain(
+            optax.clip_by_global_norm(cfg.optim.clip_norm or 1e9),
+            optax.adamw(self.r.estep_lr, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps, weight_decay=0.0),
+        )
         self.st_shard = state_shardings(model_cfg, self.tx, mesh)
         p_shard = param_shardings(model_cfg, mesh)
         self._update = {}  # one jitted update per policy-view length Lp (a static slice)
@@ -251,8 +292,8 @@ class LatentProposer:
     def candidate(self, docs: list[Document], d: int, t: int, latents: dict) -> Candidate:
         doc = docs[d]
         prefix, _ = doc_sequence(doc, latents, self.tokenizer, upto=t)
-        ctx = prefix[-self.r.context_tokens:]
-        hor = [tok for s in doc.steps[t: t + self.r.horizon_steps] for tok in s][: self.r.max_horizon_tokens]
+        ctx = prefix[-self.r.context_tokens :]
+        hor = [tok for s in doc.steps[t : t + self.r.horizon_steps] for tok in s][: self.r.max_horizon_tokens]
         if t + self.r.horizon_steps >= doc.num_steps and len(hor) < self.r.max_horizon_tokens:
             hor = hor + [self.tokenizer.eos_id]  # the horizon reaches the end of the document
         forced = self.tokenizer.encode(doc.indents[t] + self.r.marker)
@@ -263,15 +304,21 @@ class LatentProposer:
         pad_c = cands + [cands[0]] * (self.n_pairs - len(cands))
         self.sampler.params = policy_params
         F = max(len(c.forced) for c in pad_c)
-        out = self.sampler.generate_tokens([c.ctx for c in pad_c], max_new_tokens=F + self.r.max_latent_tokens,
-                                           sampling=self.sampling, key=key, num_samples=self.G, stop_strings=["\n"],
-                                           forced_prefix=[c.forced for c in pad_c])  # fmt: skip
+        out = self.sampler.generate_tokens(
+            [c.ctx for c in pad_c],
+            max_new_tokens=F + self.r.max_latent_tokens,
+            sampling=self.sampling,
+            key=key,
+            num_samples=self.G,
+            stop_strings=["\n"],
+            forced_prefix=[c.forced for c in pad_c],
+        )
         res = []
         for i, c in enumerate(cands):
             group = []
             for g in range(self.G):
                 row = i * self.G + g
-                gen = [int(x) for x in out.tokens[row, len(c.forced): int(out.lengths[row])]]
+                gen = [int(x) for x in out.tokens[row, len(c.forced) : int(out.lengths[row])]]
                 body = self.tokenizer.decode(gen)
                 text = render_latent(c.indent, self.r.marker, body)
                 group.append({"tokens": self.tokenizer.encode(text), "text": text, "generated": len(gen)})
@@ -309,9 +356,21 @@ class LatentProposer:
     def update_fn(self, Lp: int):
         if Lp not in self._update:
             r = self.r
-            fn = functools.partial(estep_update, cfg=self.model_cfg, tx=self.tx, G=self.G, Lp=Lp, beta=r.beta, advantage=r.advantage,
-                                   kl_coef=r.kl_coef, kl_estimator=r.kl_estimator, aggregation=r.loss_aggregation)  # fmt: skip
-            self._update[Lp] = jax.jit(fn, in_shardings=(self.st_shard, self._p_shard, None), out_shardings=(self.st_shard, None), donate_argnums=(0,))
+            fn = functools.partial(
+                estep_update,
+                cfg=self.model_cfg,
+                tx=self.tx,
+                G=self.G,
+                Lp=Lp,
+                beta=r.beta,
+                advantage=r.advantage,
+                kl_coef=r.kl_coef,
+                kl_estimator=r.kl_estimator,
+                aggregation=r.loss_aggregation,
+            )
+            self._update[Lp] = jax.jit(
+                fn, in_shardings=(self.st_shard, self._p_shard, None), out_shardings=(self.st_shard, None), donate_argnums=(0,)
+            )
         return self._update[Lp]
 
     def score_fn(self):
@@ -341,18 +400,27 @@ class LatentProposer:
         for i, c in enumerate(cands):
             g = int(np.argmax(R[i]))
             if R[i, g] > 0:
-                latents_by_doc.setdefault(c.doc, {})[c.step] = {"tokens": groups[i][g]["tokens"], "text": groups[i][g]["text"],
-                                                                "reward": float(R[i, g])}  # fmt: skip
+                latents_by_doc.setdefault(c.doc, {})[c.step] = {
+                    "tokens": groups[i][g]["tokens"],
+                    "text": groups[i][g]["text"],
+                    "reward": float(R[i, g]),
+                }
                 accepted += 1
                 lat_len += len(groups[i][g]["tokens"])
         generated = sum(z["generated"] for g in groups for z in g)
         finite = np.isfinite(R)
         stats = {
-            "candidates": n, "accepted": accepted, "latent_tokens": lat_len,
-            "reward_sum": float(np.sum(np.where(finite, R, 0.0))), "reward_count": int(finite.sum()),
-            "gain_sum": float(np.sum(np.asarray(out["gain"])[:n])), "gain_count": int(n * self.G),
-            "generated_tokens": int(generated), "scored_tokens": scored, "seconds": time.perf_counter() - t0,
-        }  # fmt: skip
+            "candidates": n,
+            "accepted": accepted,
+            "latent_tokens": lat_len,
+            "reward_sum": float(np.sum(np.where(finite, R, 0.0))),
+            "reward_count": int(finite.sum()),
+            "gain_sum": float(np.sum(np.asarray(out["gain"])[:n])),
+            "gain_count": int(n * self.G),
+            "generated_tokens": int(generated),
+            "scored_tokens": scored,
+            "seconds": time.perf_counter() - t0,
+        }
         if policy_state is not None:
             stats.update(pg_loss=float(out["loss"]), kl=float(out["kl"]), pg_grad_norm=float(out["grad_norm"]))
         return policy_state, stats
@@ -362,7 +430,7 @@ class LatentProposer:
         rows = -(-rows // self.dp) * self.dp
         out = []
         for i in range(0, len(seqs), rows):
-            chunk = seqs[i: i + rows]
+            chunk = seqs[i : i + rows]
             L = bucket(max(len(s) for s in chunk) - 1)
             b, _ = pad_rows(chunk + [[0, 0]] * (rows - len(chunk)), L, self.tokenizer.pad_id, {})
             lp = fetch(self._seq_lp(params, b))
@@ -399,10 +467,10 @@ def path_terms(lp_y: np.ndarray, doc: Document, lat: dict) -> tuple[float, np.nd
     for t in range(doc.num_steps):
         if t in lat:
             n = len(lat[t]["tokens"])
-            ref[t] = float(np.sum(lp_y[pos: pos + n]))
+            ref[t] = float(np.sum(lp_y[pos : pos + n]))
             pos += n
         n = len(doc.steps[t])
-        code_ll += float(np.sum(lp_y[pos: pos + n]))
+        code_ll += float(np.sum(lp_y[pos : pos + n]))
         pos += n
     code_ll += float(lp_y[pos])  # eos
     if pos + 1 != len(lp_y):
@@ -441,9 +509,13 @@ def evaluate_elbo(proposer: LatentProposer, params, docs: list[Document], *, see
         nlat += int(is_lat.sum())
         nbound += doc.num_steps
         lat_tok += int(masks[d].sum())
-    return {"eval/elbo_per_code_token": elbo / ncode, "eval/ntp_ll_per_code_token": ntp / ncode,
-            "eval/latent_rate": nlat / max(nbound, 1), "eval/mean_latent_tokens": lat_tok / max(nlat, 1),
-            "eval/code_tokens": float(ncode)}  # fmt: skip
+    return {
+        "eval/elbo_per_code_token": elbo / ncode,
+        "eval/ntp_ll_per_code_token": ntp / ncode,
+        "eval/latent_rate": nlat / max(nbound, 1),
+        "eval/mean_latent_tokens": lat_tok / max(nlat, 1),
+        "eval/code_tokens": float(ncode),
+    }
 
 
 # -------------------------------------------------------------------------------------------- orchestration
@@ -459,8 +531,13 @@ def _jsonable_latents(latents: dict) -> dict:
 
 
 def _load_latents(raw: dict) -> dict:
-    return {int(d): {int(t): {"tokens": [int(x) for x in z["tokens"]], "text": z["text"], "reward": float(z["reward"])}
-                     for t, z in lat.items()} for d, lat in raw.items()}  # fmt: skip
+    return {
+        int(d): {
+            int(t): {"tokens": [int(x) for x in z["tokens"]], "text": z["text"], "reward": float(z["reward"])}
+            for t, z in lat.items()
+        }
+        for d, lat in raw.items()
+    }
 
 
 def _sum_stats(acc: dict, s: dict) -> dict:
@@ -489,13 +566,16 @@ def run_estep(proposer: LatentProposer, model_params, docs: list[Document], k: i
             idx = list(range(b * B, min((b + 1) * B, len(docs))))
             for j, rnd in enumerate(candidate_rounds(docs, idx, r.candidates_per_doc, (cfg.train.seed, k))):
                 cands = [proposer.candidate(docs, d, t, latents.get(d, {})) for d, t in rnd]
-                policy_state, s = proposer.run_round(cands, latents, jax.random.fold_in(key, b * 1000 + j),
-                                                     policy_state=policy_state, model_params=model_params)  # fmt: skip
+                policy_state, s = proposer.run_round(
+                    cands, latents, jax.random.fold_in(key, b * 1000 + j), policy_state=policy_state, model_params=model_params
+                )
                 if not math.isfinite(s.get("pg_loss", 0.0)):
                     raise TrainingError(f"non-finite E-step policy loss in iteration {k}, batch {b}; lower ra3.estep_lr")
                 _sum_stats(stats, s)
                 stats.setdefault("batch_gain_means", []).append(s["gain_sum"] / max(s["gain_count"], 1))
-            ckpt.save(b + 1, policy_state, {"latents": _jsonable_latents(latents), "stats": stats}, {"iteration": k, "batch": b + 1})
+            ckpt.save(
+                b + 1, policy_state, {"latents": _jsonable_latents(latents), "stats": stats}, {"iteration": k, "batch": b + 1}
+            )
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(acc=f"{stats.get('accepted', 0)}/{stats.get('candidates', 0)}")
@@ -510,7 +590,11 @@ def _records(docs, latents, tokenizer, k: int, source_step: int) -> list[Bootstr
     for d, doc in enumerate(docs):
         lat = latents.get(d, {})
         toks, mask = doc_sequence(doc, lat, tokenizer)
-        recs.append(BootstrapRecord(np.asarray(toks, np.int32), np.asarray(mask, np.int8), doc_text(doc, lat), doc.doc_id, k, source_step, len(lat)))
+        recs.append(
+            BootstrapRecord(
+                np.asarray(toks, np.int32), np.asarray(mask, np.int8), doc_text(doc, lat), doc.doc_id, k, source_step, len(lat)
+            )
+        )
     return recs
 
 
@@ -528,7 +612,9 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
     tokenizer = resolve_tokenizer(cfg)
     sources = build_corpus(cfg.data)
     if sources["validation"] is None:
-        raise TrainingError("RA3 evaluates the ELBO on held-out documents: the corpus has no validation split; raise data.validation_fraction")
+        raise TrainingError(
+            "RA3 evaluates the ELBO on held-out documents: the corpus has no validation split; raise data.validation_fraction"
+        )
     model_cfg, params = load_model(cfg.model, mesh, key=jax.random.key(cfg.train.seed))
     check_vocab(tokenizer, model_cfg)
     n_docs = r.docs_per_iteration * r.iterations if r.docs_per_iteration else 0
@@ -544,7 +630,9 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
     st_shard = state_shardings(model_cfg, tx, mesh)
     step_fn = jit_train_step(model_cfg, tx, cfg.optim.grad_accum, mesh, st_shard)
     proposer = LatentProposer(cfg, model_cfg, tokenizer, mesh)
-    ckpt = RunCheckpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints)
+    ckpt = RunCheckpointer(
+        os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints
+    )
     g = ckpt.latest_step() or 0
     data_state = None
     if g:
@@ -564,7 +652,9 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
         summary.update({f"{k}@start": v for k, v in ev.items()})
     elif os.path.exists(em_log):
         rows = _read_jsonl(em_log)
-        summary.update({f"{k}@start": v for k, v in rows[0].items() if k != "iteration"} if rows and rows[0]["iteration"] == -1 else {})
+        summary.update(
+            {f"{k}@start": v for k, v in rows[0].items() if k != "iteration"} if rows and rows[0]["iteration"] == -1 else {}
+        )
     try:
         for k in range(k0, r.iterations):
             it_dir = os.path.join(out_dir, f"iter_{k}")
@@ -595,8 +685,13 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
             # ---- M-step
             t_m = time.perf_counter()
             B = cfg.data.batch_size
-            ds = make_bootstrap_dataset(bdir, seq_len=cfg.data.seq_len, seed=cfg.data.shuffle_seed + k, mask_latents=r.mask_latents,
-                                        **process_split_kwargs(cfg, mesh))  # fmt: skip
+            ds = make_bootstrap_dataset(
+                bdir,
+                seq_len=cfg.data.seq_len,
+                seed=cfg.data.shuffle_seed + k,
+                mask_latents=r.mask_latents,
+                **process_split_kwargs(cfg, mesh),
+            )
             it = iter(ds)
             if data_state is not None and g > k * r.mstep_steps:
                 restore_data_state(it, data_state, cfg, g)
@@ -616,7 +711,12 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
                         if prog is not None:
                             prog.set_postfix(loss=f"{m['loss']:.4f}")
                     if step % cfg.train.ckpt_every == 0 or end:
-                        ckpt.save(step, state, data_state_to_save(it, cfg), {"step": step, "iteration": k, "mode": "ra3-baseline" if r.baseline else "ra3"})
+                        ckpt.save(
+                            step,
+                            state,
+                            data_state_to_save(it, cfg),
+                            {"step": step, "iteration": k, "mode": "ra3-baseline" if r.baseline else "ra3"},
+                        )
                     if prog is not None:
                         prog.update(1)
                     g = step
@@ -627,8 +727,13 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
             ckpt.wait()
             m_seconds = time.perf_counter() - t_m
             ev = evaluate_elbo(proposer, state.params, eval_docs, seed=cfg.train.seed + 99)
-            row = {"iteration": k, **_iteration_metrics(stats, docs), "mstep/loss": last.get("loss", float("nan")),
-                   "mstep/tokens_per_s": (r.mstep_steps * cfg.data.batch_size * cfg.data.seq_len) / max(m_seconds, 1e-9), **ev}  # fmt: skip
+            row = {
+                "iteration": k,
+                **_iteration_metrics(stats, docs),
+                "mstep/loss": last.get("loss", float("nan")),
+                "mstep/tokens_per_s": (r.mstep_steps * cfg.data.batch_size * cfg.data.seq_len) / max(m_seconds, 1e-9),
+                **ev,
+            }
             _append_jsonl(em_log, row)
             writer.write(g, {f"ra3/{kk}": v for kk, v in row.items() if isinstance(v, (int, float)) and kk != "iteration"})
             summary.update(row)
@@ -656,13 +761,15 @@ def _iteration_metrics(stats: dict, docs: list[Document]) -> dict:
         "estep/latent_rate": acc / max(bounds, 1),
         "estep/accepted_fraction": acc / max(stats.get("candidates", 0), 1),
         "estep/mean_latent_tokens": stats.get("latent_tokens", 0) / max(acc, 1),
-        "estep/mean_reward": stats.get("reward_sum", 0.0) / max(stats.get("reward_count", 0), 1) if stats.get("reward_count") else float("nan"),
+        "estep/mean_reward": stats.get("reward_sum", 0.0) / max(stats.get("reward_count", 0), 1)
+        if stats.get("reward_count")
+        else float("nan"),
         "estep/mean_gain": stats.get("gain_sum", 0.0) / max(stats.get("gain_count", 0), 1),
         "estep/first_batch_gain": gm[0] if gm else float("nan"),
         "estep/last_batch_gain": gm[-1] if gm else float("nan"),
         "estep/tokens_per_s": (stats.get("generated_tokens", 0) + stats.get("scored_tokens", 0)) / max(sec, 1e-9) if sec else 0.0,
         "estep/seconds": sec,
-    }  # fmt: skip
+    }
 
 
 def _final_policy_params(proposer: LatentProposer, it_dir: str):

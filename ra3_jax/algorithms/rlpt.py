@@ -11,6 +11,7 @@ On-policy GRPO without KL by default (the paper's settings). ``sft_steps`` > 0 r
 (prompt -> target + end tag) first. Evaluation: greedy ASR accuracy on held-out (validation split) triples, and
 optionally code pass@1 through the evaluation command's benchmarks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,12 +25,12 @@ import optax
 
 from ra3_jax import sharding
 from ra3_jax.algorithms.rlvr import GRPOTrainer, ProcessSplitSandbox
-from ra3_jax.distributed import put_global
 from ra3_jax.config import RunConfig
 from ra3_jax.data.code_benchmarks import benchmark_dir
 from ra3_jax.data.corpus import build_corpus
 from ra3_jax.data.pipeline import pad_rows
 from ra3_jax.data.segments import Triple, make_triples
+from ra3_jax.distributed import put_global
 from ra3_jax.execution import Sandbox
 from ra3_jax.objectives.ntp import token_logprobs
 from ra3_jax.objectives.segment_reward import END, extract_prediction, normalize, prefix_reward
@@ -97,8 +98,9 @@ class RLPTTrainer(GRPOTrainer):
 
     def adv_weights(self, idx):
         G = self.v.group_size
-        return np.array([self.v.msr_weight if self.tasks[idx[r // G]].kind == "msr" else 1.0 for r in range(len(idx) * G)],
-                        np.float32)
+        return np.array(
+            [self.v.msr_weight if self.tasks[idx[r // G]].kind == "msr" else 1.0 for r in range(len(idx) * G)], np.float32
+        )
 
     # -- rewards
     def judge_many(self, preds: list[str | None], triples: list[Triple]) -> np.ndarray:
@@ -116,8 +118,11 @@ class RLPTTrainer(GRPOTrainer):
     def _model_judge(self, keys) -> list[float]:
         if self._judge is None:
             v = self.v
-            jcfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, init=v.judge_init, path=v.judge_model),
-                                       tokenizer=dataclasses.replace(self.cfg.tokenizer, kind="auto", path=None))  # fmt: skip
+            jcfg = dataclasses.replace(
+                self.cfg,
+                model=dataclasses.replace(self.cfg.model, init=v.judge_init, path=v.judge_model),
+                tokenizer=dataclasses.replace(self.cfg.tokenizer, kind="auto", path=None),
+            )
             from ra3_jax.model.store import load_model
 
             tok = resolve_tokenizer(jcfg)
@@ -128,8 +133,8 @@ class RLPTTrainer(GRPOTrainer):
         asks = [(i, k) for i, k in enumerate(keys) if k[0]]  # empty / missing predictions score 0 without asking
         prompts = [self.v.judge_template.format(reference=normalize(" ".join(k[1])), prediction=k[0]) for _, k in asks]
         for lo in range(0, len(prompts), 32):
-            outs = self._judge.complete(prompts[lo: lo + 32], max_new_tokens=4, sampling=SamplingParams(temperature=0.0))
-            for (i, _), o in zip(asks[lo: lo + 32], outs):
+            outs = self._judge.complete(prompts[lo : lo + 32], max_new_tokens=4, sampling=SamplingParams(temperature=0.0))
+            for (i, _), o in zip(asks[lo : lo + 32], outs):
                 scores[i] = 1.0 if o.text.strip().lower().startswith("yes") else 0.0
         return scores
 
@@ -195,8 +200,12 @@ class RLPTTrainer(GRPOTrainer):
         prompts = [self.v.asr_template.format(context=t.context) for t in triples]
         preds = []
         for lo in range(0, len(prompts), self.v.prompts_per_step * 2):
-            outs = self.sampler.complete(prompts[lo: lo + self.v.prompts_per_step * 2], max_new_tokens=self.v.eval_max_new_tokens,
-                                         sampling=greedy, stop_strings=[END])  # fmt: skip
+            outs = self.sampler.complete(
+                prompts[lo : lo + self.v.prompts_per_step * 2],
+                max_new_tokens=self.v.eval_max_new_tokens,
+                sampling=greedy,
+                stop_strings=[END],
+            )
             preds += [extract_prediction(o.text) for o in outs]
         return float(np.mean([prefix_reward(p, t.after, t.target) for p, t in zip(preds, triples)]))
 
@@ -207,8 +216,17 @@ class RLPTTrainer(GRPOTrainer):
         if self.v.eval_benchmarks:
             if self._sandbox is None:
                 self._sandbox = ProcessSplitSandbox(Sandbox(workers=2))
-            res.update(self.benchmark_eval(step, self.v.eval_benchmarks, data_dir=benchmark_dir(self.v.data_dir), mbpp_style="docstring",
-                                           max_new_tokens=self.v.eval_max_new_tokens, n_tasks=0, sandbox=self._sandbox))
+            res.update(
+                self.benchmark_eval(
+                    step,
+                    self.v.eval_benchmarks,
+                    data_dir=benchmark_dir(self.v.data_dir),
+                    mbpp_style="docstring",
+                    max_new_tokens=self.v.eval_max_new_tokens,
+                    n_tasks=0,
+                    sandbox=self._sandbox,
+                )
+            )
         return res
 
 

@@ -9,6 +9,7 @@ One RL step:
 Every ``train.eval_every`` steps (and at step 0) greedy pass@1 on the eval benchmarks' test splits is logged.
 Checkpoints (Orbax) hold the policy state and the task cursor; a resumed run repeats the same rollouts.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,9 +28,9 @@ from ra3_jax import sharding
 from ra3_jax.config import RunConfig
 from ra3_jax.data.code_benchmarks import benchmark_dir, load_benchmark
 from ra3_jax.data.pipeline import pad_rows
-from ra3_jax.evaluation.code_eval import (HUMANEVAL_STOPS, PromptFormat, TaskFormat, cut_at_stops,
-                                          evaluate_model, sampler_generate)
-from ra3_jax.execution import ExecResult, Job, Limits, Sandbox
+from ra3_jax.distributed import put_global, split_work
+from ra3_jax.evaluation.code_eval import HUMANEVAL_STOPS, PromptFormat, TaskFormat, cut_at_stops, evaluate_model, sampler_generate
+from ra3_jax.execution import ExecResult, Limits, Sandbox
 from ra3_jax.model.llama import LlamaConfig, forward
 from ra3_jax.model.params import param_shardings
 from ra3_jax.model.store import load_model
@@ -37,20 +38,40 @@ from ra3_jax.objectives.ntp import token_logprobs
 from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient_loss
 from ra3_jax.sampler import Sampler, SamplingParams, bucket
 from ra3_jax.train.checkpoint import RunCheckpointer
-from ra3_jax.distributed import put_global, split_work
-from ra3_jax.train.loop import (FAULT_ENV, MetricsWriter, TrainingError, check_vocab, is_main_process, make_run_mesh,
-                                raise_if_nonfinite, resolve_tokenizer, write_run_metadata)
-from ra3_jax.train.state import (TrainState, abstract_state, create_state, learning_rate_schedule, make_optimizer,
-                                 state_shardings)
+from ra3_jax.train.loop import (
+    FAULT_ENV,
+    MetricsWriter,
+    TrainingError,
+    check_vocab,
+    is_main_process,
+    make_run_mesh,
+    raise_if_nonfinite,
+    resolve_tokenizer,
+    write_run_metadata,
+)
+from ra3_jax.train.state import TrainState, abstract_state, create_state, learning_rate_schedule, make_optimizer, state_shardings
 
 log = logging.getLogger(__name__)
 ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "resp_mask", "old_logp")
 
 
 # ------------------------------------------------------------------------------------------- device step
-def grpo_update(state: TrainState, ref_params, batch, *, cfg: LlamaConfig, tx, G: int, clip_eps: float,
-                advantage: str, kl_coef: float, kl_estimator: str, aggregation: str, on_policy: bool,
-                micro_batch: int = 0):
+def grpo_update(
+    state: TrainState,
+    ref_params,
+    batch,
+    *,
+    cfg: LlamaConfig,
+    tx,
+    G: int,
+    clip_eps: float,
+    advantage: str,
+    kl_coef: float,
+    kl_estimator: str,
+    aggregation: str,
+    on_policy: bool,
+    micro_batch: int = 0,
+):
     """One policy step on a rollout batch. Rows are group-major: row n*G + g is sample g of prompt n.
 
     With ``micro_batch`` = m > 0 the rows are processed m at a time in a ``lax.scan`` that accumulates the
@@ -99,8 +120,13 @@ def grpo_update(state: TrainState, ref_params, batch, *, cfg: LlamaConfig, tx, G
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "entropy": sums[0] / denom,
-               "clip_frac": sums[1] / denom, "kl": sums[2] / denom}
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "entropy": sums[0] / denom,
+        "clip_frac": sums[1] / denom,
+        "kl": sums[2] / denom,
+    }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -124,8 +150,14 @@ def load_training_tasks(cfg: RunConfig):
                 missing = {"prompt", "test"} - set(t)
                 if missing:
                     raise TrainingError(f"{path}:{i}: task lacks {sorted(missing)} (needs prompt and test)")
-                tasks.append({"task_id": str(t.get("task_id", i)), "prompt": t["prompt"], "test": t["test"],
-                              "prefix": t.get("prefix", t["prompt"])})
+                tasks.append(
+                    {
+                        "task_id": str(t.get("task_id", i)),
+                        "prompt": t["prompt"],
+                        "test": t["test"],
+                        "prefix": t.get("prefix", t["prompt"]),
+                    }
+                )
         fmt = TaskFormat("custom", tuple(HUMANEVAL_STOPS))
     else:
         data_dir = benchmark_dir(v.data_dir)
@@ -174,11 +206,14 @@ class GRPOTrainer:
         self.dp = sharding.data_parallel_size(self.mesh)
         rows = self.v.prompts_per_step * self.v.group_size
         if self.v.micro_batch and (rows % self.v.micro_batch or self.v.micro_batch % self.dp):
-            raise TrainingError(f"{self.mode}.micro_batch={self.v.micro_batch} must divide the {rows} rows of a step and be "
-                                f"divisible by the data-parallel size {self.dp}")
+            raise TrainingError(
+                f"{self.mode}.micro_batch={self.v.micro_batch} must divide the {rows} rows of a step and be "
+                f"divisible by the data-parallel size {self.dp}"
+            )
         if rows % self.dp:
-            raise TrainingError(f"{self.mode}.prompts_per_step x group_size = {rows} rows must be divisible by the "
-                                f"data-parallel size {self.dp}")
+            raise TrainingError(
+                f"{self.mode}.prompts_per_step x group_size = {rows} rows must be divisible by the data-parallel size {self.dp}"
+            )
         self.tokenizer = resolve_tokenizer(cfg)
         self.tasks = self.load_tasks()
         if not self.tasks:
@@ -188,8 +223,9 @@ class GRPOTrainer:
         self.tx = make_optimizer(cfg.optim, cfg.train.steps * self.v.updates_per_batch)
         self.lr_at = learning_rate_schedule(cfg.optim, cfg.train.steps * self.v.updates_per_batch)
         self.st_shard = state_shardings(self.model_cfg, self.tx, self.mesh)
-        self.ckpt = RunCheckpointer(os.path.join(self.out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                                    async_save=cfg.train.async_checkpoints)
+        self.ckpt = RunCheckpointer(
+            os.path.join(self.out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints
+        )
         self.start = self.ckpt.latest_step() or 0
         self.cursor = 0
         self.ref_params = params if self.v.kl_coef > 0 else None
@@ -207,12 +243,25 @@ class GRPOTrainer:
         b_shard = {**{k: rows_shard for k in ROW_KEYS}, "rewards": vec_shard, "adv_weight": vec_shard}
         p_shard = param_shardings(self.model_cfg, self.mesh)
         on_policy = self.v.updates_per_batch == 1
-        upd = functools.partial(grpo_update, cfg=self.model_cfg, tx=self.tx, G=self.v.group_size, clip_eps=self.v.clip_eps,
-                                advantage=self.v.advantage, kl_coef=self.v.kl_coef, kl_estimator=self.v.kl_estimator,
-                                aggregation=self.v.loss_aggregation, on_policy=on_policy,
-                                micro_batch=self.v.micro_batch)  # fmt: skip
-        self._update = jax.jit(upd, in_shardings=(self.st_shard, p_shard if self.ref_params is not None else None, b_shard),
-                               out_shardings=(self.st_shard, sharding.replicated(self.mesh)), donate_argnums=(0,))  # fmt: skip
+        upd = functools.partial(
+            grpo_update,
+            cfg=self.model_cfg,
+            tx=self.tx,
+            G=self.v.group_size,
+            clip_eps=self.v.clip_eps,
+            advantage=self.v.advantage,
+            kl_coef=self.v.kl_coef,
+            kl_estimator=self.v.kl_estimator,
+            aggregation=self.v.loss_aggregation,
+            on_policy=on_policy,
+            micro_batch=self.v.micro_batch,
+        )
+        self._update = jax.jit(
+            upd,
+            in_shardings=(self.st_shard, p_shard if self.ref_params is not None else None, b_shard),
+            out_shardings=(self.st_shard, sharding.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
         self._old_logp = jax.jit(functools.partial(token_logprobs, cfg=self.model_cfg), in_shardings=(p_shard, None))
         self.b_shard = b_shard
 
@@ -256,10 +305,18 @@ class GRPOTrainer:
         prompts = [self._ids(i) for i in idx]
         self.sampler.params = self.state.params
         t0 = time.perf_counter()
-        out = self.sampler.generate_tokens(prompts, max_new_tokens=self.v.max_new_tokens, sampling=self.sampling, key=key,
-                                           num_samples=self.v.group_size, stop_strings=list(self.stops))  # fmt: skip
-        texts = [self.tokenizer.decode([int(t) for t in out.tokens[r, : int(out.lengths[r])]])
-                 for r in range(len(prompts) * self.v.group_size)]  # fmt: skip
+        out = self.sampler.generate_tokens(
+            prompts,
+            max_new_tokens=self.v.max_new_tokens,
+            sampling=self.sampling,
+            key=key,
+            num_samples=self.v.group_size,
+            stop_strings=list(self.stops),
+        )
+        texts = [
+            self.tokenizer.decode([int(t) for t in out.tokens[r, : int(out.lengths[r])]])
+            for r in range(len(prompts) * self.v.group_size)
+        ]
         return prompts, out, texts, time.perf_counter() - t0
 
     def update(self, prompts, out, rewards, weights):
@@ -285,6 +342,7 @@ class GRPOTrainer:
         bar = None
         if cfg.train.progress and is_main_process():
             from tqdm.auto import tqdm
+
             bar = tqdm(total=cfg.train.steps, initial=self.start, desc=self.mode, unit="step", dynamic_ncols=True)
         last: dict = {}
         last_good = self.start or None
@@ -305,13 +363,22 @@ class GRPOTrainer:
                 groups = rewards.reshape(-1, v.group_size)
                 gen_tokens = int(np.sum(out.lengths))
                 total = t_roll + t_rew + t_upd
-                m.update({
-                    "reward": float(rewards.mean()), "solved_prompts": float((groups.max(1) > 0).mean()),
-                    "zero_signal_groups": float((groups.std(1) == 0).mean()),
-                    "response_len": float(np.mean(out.lengths)), "rollout_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
-                    "rollout_s": t_roll, "reward_s": t_rew, "update_s": t_upd, "step_s": total,
-                    "reward_share": t_rew / max(total, 1e-9), "lr": float(self.lr_at(step * v.updates_per_batch)), **extra,
-                })  # fmt: skip
+                m.update(
+                    {
+                        "reward": float(rewards.mean()),
+                        "solved_prompts": float((groups.max(1) > 0).mean()),
+                        "zero_signal_groups": float((groups.std(1) == 0).mean()),
+                        "response_len": float(np.mean(out.lengths)),
+                        "rollout_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
+                        "rollout_s": t_roll,
+                        "reward_s": t_rew,
+                        "update_s": t_upd,
+                        "step_s": total,
+                        "reward_share": t_rew / max(total, 1e-9),
+                        "lr": float(self.lr_at(step * v.updates_per_batch)),
+                        **extra,
+                    }
+                )
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and self.has_eval():
                     m.update(self.evaluate(step))
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -332,8 +399,17 @@ class GRPOTrainer:
             writer.close()
         return dict(last)
 
-    def benchmark_eval(self, step: int, names, *, data_dir, mbpp_style: str, max_new_tokens: int, n_tasks: int,
-                       sandbox: Sandbox | ProcessSplitSandbox) -> dict:
+    def benchmark_eval(
+        self,
+        step: int,
+        names,
+        *,
+        data_dir,
+        mbpp_style: str,
+        max_new_tokens: int,
+        n_tasks: int,
+        sandbox: Sandbox | ProcessSplitSandbox,
+    ) -> dict:
         """Greedy pass@1 on the test splits of ``names`` (first ``n_tasks`` tasks; 0 = all)."""
         res = {}
         self.sampler.params = self.state.params
@@ -343,11 +419,20 @@ class GRPOTrainer:
             tasks = tasks[:n_tasks] if n_tasks else tasks
             fmt = PromptFormat.create(name, mbpp_style, data_dir=data_dir)
             generate = sampler_generate(self.sampler, greedy, max_new_tokens, fmt.stops)
-            rep = evaluate_model(generate, tasks, fmt, sandbox, n_samples=1, temperature=0.0, ks=(1,),
-                                 batch_tasks=self.v.prompts_per_step,
-                                 out_dir=os.path.join(self.out_dir, "eval", f"step_{step}", name.replace("+", "_plus"))
-                                 if is_main_process() else None,
-                                 progress=False)  # fmt: skip
+            rep = evaluate_model(
+                generate,
+                tasks,
+                fmt,
+                sandbox,
+                n_samples=1,
+                temperature=0.0,
+                ks=(1,),
+                batch_tasks=self.v.prompts_per_step,
+                out_dir=os.path.join(self.out_dir, "eval", f"step_{step}", name.replace("+", "_plus"))
+                if is_main_process()
+                else None,
+                progress=False,
+            )
             res[f"eval/{name}/pass@1"] = rep.pass_at[1]
         return res
 
@@ -376,8 +461,9 @@ class RLVRTrainer(GRPOTrainer):
     mode = "rlvr"
 
     def __init__(self, cfg: RunConfig):
-        self.sandbox = ProcessSplitSandbox(Sandbox(Limits(timeout_s=cfg.rlvr.timeout_s, memory_mb=cfg.rlvr.memory_mb),
-                                                   workers=cfg.rlvr.sandbox_workers))  # fmt: skip
+        self.sandbox = ProcessSplitSandbox(
+            Sandbox(Limits(timeout_s=cfg.rlvr.timeout_s, memory_mb=cfg.rlvr.memory_mb), workers=cfg.rlvr.sandbox_workers)
+        )
         super().__init__(cfg, cfg.rlvr)
 
     def load_tasks(self):
@@ -397,16 +483,25 @@ class RLVRTrainer(GRPOTrainer):
         before = self.sandbox.local
         res = self.sandbox.run_many(jobs)  # this process runs its share (all in a 1-process run)
         rewards = np.array([1.0 if r.passed else 0.0 for r in res], np.float32)
-        return rewards, {"pass_rate": float(rewards.mean()), "sandbox_timeouts": float(sum(r.status == "timeout" for r in res)),
-                         "sandbox_programs_local": float(self.sandbox.local - before)}  # fmt: skip
+        return rewards, {
+            "pass_rate": float(rewards.mean()),
+            "sandbox_timeouts": float(sum(r.status == "timeout" for r in res)),
+            "sandbox_programs_local": float(self.sandbox.local - before),
+        }
 
     def has_eval(self) -> bool:
         return bool(self.v.eval_benchmarks)
 
     def evaluate(self, step: int) -> dict:
-        return self.benchmark_eval(step, self.v.eval_benchmarks, data_dir=benchmark_dir(self.v.data_dir), mbpp_style=self.v.mbpp_style,
-                                   max_new_tokens=self.v.eval_max_new_tokens, n_tasks=self.v.eval_tasks,
-                                   sandbox=self.sandbox)  # fmt: skip
+        return self.benchmark_eval(
+            step,
+            self.v.eval_benchmarks,
+            data_dir=benchmark_dir(self.v.data_dir),
+            mbpp_style=self.v.mbpp_style,
+            max_new_tokens=self.v.eval_max_new_tokens,
+            n_tasks=self.v.eval_tasks,
+            sandbox=self.sandbox,
+        )
 
 
 def rlvr(cfg: RunConfig) -> dict:

@@ -10,6 +10,7 @@ E-step scored.
 A shard directory is written atomically: records go to ``<dir>.tmp/`` and the directory is renamed into place
 with a ``_COMPLETE`` marker, so a killed writer never leaves a half corpus that a resume would trust.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,14 +39,20 @@ class BootstrapRecord:
     n_latents: int
 
     def encode(self) -> bytes:
-        return serialization.msgpack_serialize({
-            "tokens": np.asarray(self.tokens, np.int32), "latent_mask": np.asarray(self.latent_mask, np.int8),
-            "text": self.text, "doc_id": self.doc_id, "iteration": int(self.iteration),
-            "source_step": int(self.source_step), "n_latents": int(self.n_latents),
-        })  # fmt: skip
+        return serialization.msgpack_serialize(
+            {
+                "tokens": np.asarray(self.tokens, np.int32),
+                "latent_mask": np.asarray(self.latent_mask, np.int8),
+                "text": self.text,
+                "doc_id": self.doc_id,
+                "iteration": int(self.iteration),
+                "source_step": int(self.source_step),
+                "n_latents": int(self.n_latents),
+            }
+        )
 
     @classmethod
-    def decode(cls, raw: bytes) -> "BootstrapRecord":
+    def decode(cls, raw: bytes) -> BootstrapRecord:
         d = serialization.msgpack_restore(raw)
         return cls(**d)
 
@@ -70,7 +77,13 @@ def write_bootstrap(directory: str, records: list[BootstrapRecord], meta: dict |
     w.close()
     n_tok = int(sum(len(r.tokens) for r in records))
     n_lat = int(sum(int(np.sum(r.latent_mask)) for r in records))
-    info = {"documents": len(records), "tokens": n_tok, "latent_tokens": n_lat, "latents": int(sum(r.n_latents for r in records)), **(meta or {})}
+    info = {
+        "documents": len(records),
+        "tokens": n_tok,
+        "latent_tokens": n_lat,
+        "latents": int(sum(r.n_latents for r in records)),
+        **(meta or {}),
+    }
     with open(os.path.join(tmp, "info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
     with open(os.path.join(tmp, COMPLETE), "w") as f:
@@ -109,19 +122,42 @@ class DecodeForTraining(grain.transforms.Map):
 def _finalize(batch):
     seg = batch["inputs_segment_ids"].astype(np.int32)
     return {
-        "inputs": batch["inputs"], "targets": batch["targets"], "segment_ids": seg,
+        "inputs": batch["inputs"],
+        "targets": batch["targets"],
+        "segment_ids": seg,
         "positions": batch["inputs_positions"].astype(np.int32),
         "loss_mask": ((seg != 0) * batch["weights"]).astype(np.float32),
-    }  # fmt: skip
+    }
 
 
-def make_bootstrap_dataset(directory: str, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                           num_epochs: int | None = None, mask_latents: bool = False, shard_index: int = 0,
-                           shard_count: int = 1, rows: tuple[int, int] | None = None) -> grain.IterDataset:  # fmt: skip
+def make_bootstrap_dataset(
+    directory: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    mask_latents: bool = False,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    rows: tuple[int, int] | None = None,
+) -> grain.IterDataset:
     """Grain pipeline over a bootstrap corpus: decode -> concat-then-split pack -> batch (same keys as NTP)."""
     src = open_bootstrap(directory)
     if len(src) == 0:
         raise ValueError(f"empty bootstrap corpus in {directory}")
-    return packed_batches(src, DecodeForTraining(mask_latents), ("inputs", "targets", "weights"), _finalize, seq_len=seq_len,
-                          batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index,
-                          shard_count=shard_count, rows=rows)  # fmt: skip
+    return packed_batches(
+        src,
+        DecodeForTraining(mask_latents),
+        ("inputs", "targets", "weights"),
+        _finalize,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        rows=rows,
+    )

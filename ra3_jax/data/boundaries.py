@@ -12,6 +12,7 @@ Robust to syntax errors: ``tokenize`` stops at the first error (unterminated str
 statement starts found before it are kept and the rest of the file falls back to the ``line`` rule, restricted
 to lines outside an open bracket by a simple bracket count.
 """
+
 from __future__ import annotations
 
 import io

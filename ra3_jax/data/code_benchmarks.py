@@ -8,6 +8,7 @@ plus inputs against expected outputs with the task's ``atol``; HumanEval+/32 (``
 oracle ``|poly(xs, x)| <= atol`` in place of the release's (broken) output check, and MBPP+ 737/787/794 get the
 ``assert`` their release check forgot (without it, any program passes them).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -42,10 +43,9 @@ _FIND_ZERO_ORACLE = "assert abs(_poly(*inp, candidate(*inp))) <= 0.0001"
 # MBPP+ 737/787/794 (regex tasks): the release's assertion() computes exact_match but never asserts it, so any
 # program passes. The fix asserts it.
 _MBPP_PLUS_UNASSERTED = "        exact_match = exp == (out is not None)\n"
-_MBPP_PLUS_ASSERTED = _MBPP_PLUS_UNASSERTED + "    assert exact_match, f\"out: {out}, exp: {exp}\"\n"
+_MBPP_PLUS_ASSERTED = _MBPP_PLUS_UNASSERTED + '    assert exact_match, f"out: {out}, exp: {exp}"\n'
 
-_FEATURES = ("task_id", "prompt", "description", "example_test", "entry_point", "prefix", "canonical_solution",
-             "test")
+_FEATURES = ("task_id", "prompt", "description", "example_test", "entry_point", "prefix", "canonical_solution", "test")
 
 
 class BenchmarkError(ValueError):
@@ -123,20 +123,37 @@ def read_tasks(name: str, manual_dir: str | os.PathLike | None) -> dict[str, lis
                 if _FIND_ZERO_BROKEN not in test:
                     raise BenchmarkError("HumanEval+/32: the release's check changed; update the find_zero oracle")
                 test = test.replace(_FIND_ZERO_BROKEN, _FIND_ZERO_ORACLE)
-            add("test", task_id=r["task_id"], prompt=r["prompt"], entry_point=r["entry_point"],
-                prefix=r["prompt"], canonical_solution=r["canonical_solution"],
-                test=f"{test}\n\ncheck({r['entry_point']})\n")
+            add(
+                "test",
+                task_id=r["task_id"],
+                prompt=r["prompt"],
+                entry_point=r["entry_point"],
+                prefix=r["prompt"],
+                canonical_solution=r["canonical_solution"],
+                test=f"{test}\n\ncheck({r['entry_point']})\n",
+            )
         elif name == "mbpp":
             tid = int(r["task_id"])
-            add(_mbpp_split(tid), task_id=f"Mbpp/{tid}", description=r["text"], example_test=r["test_list"][0],
+            add(
+                _mbpp_split(tid),
+                task_id=f"Mbpp/{tid}",
+                description=r["text"],
+                example_test=r["test_list"][0],
                 canonical_solution=r["code"].replace("\r\n", "\n"),
-                test="\n".join([r.get("test_setup_code") or "", *r["test_list"]]) + "\n")
+                test="\n".join([r.get("test_setup_code") or "", *r["test_list"]]) + "\n",
+            )
         elif name == "mbpp_sanitized":
             tid = int(r["task_id"])
             imports = "\n".join(r["test_imports"])
-            add(_mbpp_split(tid), task_id=f"Mbpp/{tid}", description=r["prompt"], example_test=r["test_list"][0],
-                prefix=imports + "\n" if imports else "", canonical_solution=r["code"],
-                test="\n".join([imports, *r["test_list"]]) + "\n")
+            add(
+                _mbpp_split(tid),
+                task_id=f"Mbpp/{tid}",
+                description=r["prompt"],
+                example_test=r["test_list"][0],
+                prefix=imports + "\n" if imports else "",
+                canonical_solution=r["code"],
+                test="\n".join([imports, *r["test_list"]]) + "\n",
+            )
         else:  # mbpp+ (the check programs; the prompts with their example test come from MbppPlus.jsonl.gz)
             tid = f"Mbpp/{r['task_id']}"
             test = r["test"]
@@ -147,9 +164,16 @@ def read_tasks(name: str, manual_dir: str | os.PathLike | None) -> dict[str, lis
             if tid in plus_prompts:
                 lines = plus_prompts[tid].strip().strip('"').strip().splitlines()
                 example = next((x for x in lines if x.startswith("assert")), "")
-            add("test", task_id=tid, description=desc, example_test=example,
-                entry_point="", prefix=imports + "\n" if imports else "", canonical_solution=r["code"],
-                test=test)
+            add(
+                "test",
+                task_id=tid,
+                description=desc,
+                example_test=example,
+                entry_point="",
+                prefix=imports + "\n" if imports else "",
+                canonical_solution=r["code"],
+                test=test,
+            )
     if not out:
         raise BenchmarkError(f"{name}: the release file holds no tasks")
     return out
@@ -169,8 +193,10 @@ class CodeBenchmark(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
-            builder=self, description=f"{self.benchmark} tasks with self-contained checks (ra3_jax).",
-            features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in _FEATURES}))
+            builder=self,
+            description=f"{self.benchmark} tasks with self-contained checks (ra3_jax).",
+            features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in _FEATURES}),
+        )
 
     def _split_generators(self, dl_manager):
         tasks = read_tasks(self.benchmark, dl_manager.manual_dir)
@@ -181,8 +207,9 @@ class CodeBenchmark(tfds.core.GeneratorBasedBuilder):
             yield r["task_id"], r
 
 
-def load_benchmark(name: str, split: str | None = None, *, data_dir: str | os.PathLike | None,
-                   tfds_dir: str | os.PathLike) -> list[dict]:
+def load_benchmark(
+    name: str, split: str | None = None, *, data_dir: str | os.PathLike | None, tfds_dir: str | os.PathLike
+) -> list[dict]:
     """Prepares the benchmark's tfds dataset once (under ``tfds_dir``) and returns the split's tasks as dicts.
 
     split: default "test". MBPP and sanitized MBPP also have "prompt", "validation" and "train".

@@ -5,6 +5,7 @@ train/validation deterministically by a hash of their path relative to the sourc
 moves an existing file between splits. The builder config name is a digest of the file list (paths, sizes,
 mtimes) and options, so a changed tree builds a new version instead of reusing a stale one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -153,7 +154,9 @@ def build_corpus(data_cfg) -> dict:
     # documents it can write and an all-empty tree is reported as such.
     files = [f for f in listed if (t := read_source(f, data_cfg.skip_non_utf8)) is not None and t.strip()]
     if not files:
-        raise CorpusError(f"empty corpus: the {len(listed)} source files under {list(data_cfg.source_dirs)} hold no non-empty UTF-8 text")
+        raise CorpusError(
+            f"empty corpus: the {len(listed)} source files under {list(data_cfg.source_dirs)} hold no non-empty UTF-8 text"
+        )
     config = CodeCorpusConfig(files=files, validation_fraction=data_cfg.validation_fraction, skip_non_utf8=data_cfg.skip_non_utf8)
     tfds.disable_progress_bar()
     logging.getLogger("absl").setLevel(logging.ERROR)

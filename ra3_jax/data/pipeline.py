@@ -4,6 +4,7 @@ Each document becomes ``[bos?] + tokens + [eos]``; the model sees ``inputs = doc
 Packing keeps ``segment_ids`` (0 = padding) so attention never crosses documents, and ``positions`` restart
 per document. The iterator is a grain DatasetIterator whose ``get_state()`` is checkpointed with the model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,19 +40,57 @@ def _finalize(batch):
     }
 
 
-def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1, num_threads: int = 4,
-                 rows: tuple[int, int] | None = None) -> grain.IterDataset:  # fmt: skip
+def make_dataset(
+    source,
+    tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_threads: int = 4,
+    rows: tuple[int, int] | None = None,
+) -> grain.IterDataset:
     """``batch_size`` rows per batch read from record shard ``shard_index`` of ``shard_count``; ``rows=(lo, hi)``
     keeps only those rows of each batch. ``num_epochs=None`` repeats forever."""
-    return packed_batches(source, Tokenize(tokenizer), ("inputs", "targets"), _finalize, seq_len=seq_len, batch_size=batch_size,
-                          seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
-                          num_threads=num_threads, keep=_has_tokens, rows=rows)  # fmt: skip
+    return packed_batches(
+        source,
+        Tokenize(tokenizer),
+        ("inputs", "targets"),
+        _finalize,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_threads=num_threads,
+        keep=_has_tokens,
+        rows=rows,
+    )
 
 
-def packed_batches(source, transform, features, finalize, *, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                   num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1, num_threads: int = 4,
-                   keep=None, rows: tuple[int, int] | None = None) -> grain.IterDataset:  # fmt: skip
+def packed_batches(
+    source,
+    transform,
+    features,
+    finalize,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_threads: int = 4,
+    keep=None,
+    rows: tuple[int, int] | None = None,
+) -> grain.IterDataset:
     """The shared tail of every corpus pipeline: shard per process -> shuffle -> repeat -> ``transform`` each
     record into 1-D ``features`` -> concat-then-split pack to ``seq_len`` -> batch -> ``finalize``.
 
@@ -107,7 +146,7 @@ def pad_rows(seqs: list[list[int]], length: int, pad: int, masks: dict[str, list
         arr[i, : len(s)] = s
         seg[i, : max(len(s) - 1, 0)] = 1
         for k, m in masks.items():
-            mm = m[i][1: length + 1]  # mask of target positions (token j+1)
+            mm = m[i][1 : length + 1]  # mask of target positions (token j+1)
             out_masks[k][i, : len(mm)] = mm
     pos = np.broadcast_to(np.arange(length, dtype=np.int32), (n, length)).copy()
     return {"inputs": arr[:, :-1], "targets": arr[:, 1:], "positions": pos, "segment_ids": seg}, out_masks

@@ -5,6 +5,7 @@ A document becomes segments whose concatenation is the document (whitespace stay
 ``next`` = s_{i+1} (MSR). Segments shorter than ``min_chars`` (stripped) are never targets; they stay in the
 context. Rule-based, no models.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +14,43 @@ import re
 from ra3_jax.data.boundaries import find_boundaries, split_steps
 
 # Abbreviations after which a period does not end a sentence (lower-cased, without the period).
-ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "cf", "fig", "no", "vol",
-                 "approx", "inc", "ltd", "co", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
-                 "nov", "dec", "u.s", "a.m", "p.m"}  # fmt: skip
+ABBREVIATIONS = {
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "prof",
+    "sr",
+    "jr",
+    "st",
+    "vs",
+    "etc",
+    "e.g",
+    "i.e",
+    "cf",
+    "fig",
+    "no",
+    "vol",
+    "approx",
+    "inc",
+    "ltd",
+    "co",
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "sept",
+    "oct",
+    "nov",
+    "dec",
+    "u.s",
+    "a.m",
+    "p.m",
+}
 _END = re.compile(r"""[.!?]+["')\]]*(?=\s)|\n\s*\n""")
 
 
@@ -27,7 +62,7 @@ def split_sentences(text: str) -> list[str]:
         if m.group().startswith("\n"):  # paragraph break: cut after it
             cuts.append(end)
             continue
-        before = text[cuts[-1]: m.start()].split()
+        before = text[cuts[-1] : m.start()].split()
         word = before[-1].lower().rstrip(".") if before else ""
         if word in ABBREVIATIONS or (len(word) == 1 and word.isalpha()):  # "Dr." / initials "J."
             continue
@@ -68,8 +103,16 @@ class Triple:
     after: tuple  # s_i, s_{i+1}, ... (a few): what a prediction may be a prefix of
 
 
-def make_triples(text: str, doc: str, kind: str, *, min_chars: int = 8, max_context_chars: int = 2000,
-                 lookahead: int = 4, require_next: bool = False) -> list[Triple]:
+def make_triples(
+    text: str,
+    doc: str,
+    kind: str,
+    *,
+    min_chars: int = 8,
+    max_context_chars: int = 2000,
+    lookahead: int = 4,
+    require_next: bool = False,
+) -> list[Triple]:
     segs = segment(text, kind)
     out = []
     for i in range(1, len(segs)):
@@ -80,5 +123,5 @@ def make_triples(text: str, doc: str, kind: str, *, min_chars: int = 8, max_cont
         ctx = "".join(segs[:i])[-max_context_chars:]
         if not ctx.strip():
             continue
-        out.append(Triple(doc, i, ctx, segs[i], segs[i + 1] if i + 1 < len(segs) else "", tuple(segs[i: i + lookahead])))
+        out.append(Triple(doc, i, ctx, segs[i], segs[i + 1] if i + 1 < len(segs) else "", tuple(segs[i : i + lookahead])))
     return out

@@ -7,6 +7,7 @@ Prompt styles
   text and its first test; the completion is the whole solution. ``"3shot"``: Austin et al.'s format with MBPP
   tasks 2, 3, 4 as examples, ``[BEGIN]``/``[DONE]`` delimiters (needs ``mbpp/mbpp.jsonl``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ra3_jax.data.code_benchmarks import BENCHMARKS, read_tasks
 from ra3_jax.evaluation.passk import mean_pass_at_k
@@ -27,7 +28,9 @@ MBPP_3SHOT_STOPS = ("[DONE]",)
 # own reference needs ~3 GB), so their budget is CPU seconds, which a loaded machine does not inflate; the wall
 # limit (3x) only catches programs that sleep or block.
 DEFAULT_LIMITS = {
-    "humaneval": Limits(timeout_s=10), "mbpp": Limits(timeout_s=10), "mbpp_sanitized": Limits(timeout_s=10),
+    "humaneval": Limits(timeout_s=10),
+    "mbpp": Limits(timeout_s=10),
+    "mbpp_sanitized": Limits(timeout_s=10),
     "humaneval+": Limits(timeout_s=180, cpu_s=60, memory_mb=4096),
     "mbpp+": Limits(timeout_s=180, cpu_s=60, memory_mb=4096),
 }
@@ -37,11 +40,30 @@ DEFAULT_LIMITS = {
 # alone spends 35 s summing ranges of 1e8.
 REFERENCE_FACTOR = 4.0
 REFERENCE_CPU_S = {
-    "humaneval+": {"HumanEval/15": 10.3, "HumanEval/139": 9.5, "HumanEval/130": 4.2, "HumanEval/83": 3.0,
-                   "HumanEval/36": 2.5, "HumanEval/94": 2.4, "HumanEval/59": 2.3},
-    "mbpp+": {"Mbpp/599": 35.3, "Mbpp/392": 7.9, "Mbpp/255": 6.3, "Mbpp/271": 6.2, "Mbpp/123": 3.9, "Mbpp/603": 3.7,
-              "Mbpp/592": 2.9, "Mbpp/589": 2.7, "Mbpp/300": 2.2, "Mbpp/389": 2.0, "Mbpp/84": 1.7, "Mbpp/583": 1.6,
-              "Mbpp/630": 1.5},
+    "humaneval+": {
+        "HumanEval/15": 10.3,
+        "HumanEval/139": 9.5,
+        "HumanEval/130": 4.2,
+        "HumanEval/83": 3.0,
+        "HumanEval/36": 2.5,
+        "HumanEval/94": 2.4,
+        "HumanEval/59": 2.3,
+    },
+    "mbpp+": {
+        "Mbpp/599": 35.3,
+        "Mbpp/392": 7.9,
+        "Mbpp/255": 6.3,
+        "Mbpp/271": 6.2,
+        "Mbpp/123": 3.9,
+        "Mbpp/603": 3.7,
+        "Mbpp/592": 2.9,
+        "Mbpp/589": 2.7,
+        "Mbpp/300": 2.2,
+        "Mbpp/389": 2.0,
+        "Mbpp/84": 1.7,
+        "Mbpp/583": 1.6,
+        "Mbpp/630": 1.5,
+    },
 }
 
 
@@ -64,7 +86,7 @@ class PromptFormat:
     shots: tuple = ()  # (description, tests, code) for 3-shot
 
     @classmethod
-    def create(cls, benchmark: str, mbpp_style: str = "docstring", data_dir=None) -> "PromptFormat":
+    def create(cls, benchmark: str, mbpp_style: str = "docstring", data_dir=None) -> PromptFormat:
         if benchmark not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
         if mbpp_style not in ("docstring", "3shot"):
@@ -72,8 +94,14 @@ class PromptFormat:
         shots = ()
         if benchmark.startswith("mbpp") and mbpp_style == "3shot":
             prompt_split = {r["task_id"]: r for r in read_tasks("mbpp", data_dir)["prompt"]}
-            shots = tuple((prompt_split[f"Mbpp/{i}"]["description"], _mbpp_tests(prompt_split[f"Mbpp/{i}"]),
-                           prompt_split[f"Mbpp/{i}"]["canonical_solution"]) for i in (2, 3, 4))
+            shots = tuple(
+                (
+                    prompt_split[f"Mbpp/{i}"]["description"],
+                    _mbpp_tests(prompt_split[f"Mbpp/{i}"]),
+                    prompt_split[f"Mbpp/{i}"]["canonical_solution"],
+                )
+                for i in (2, 3, 4)
+            )
         return cls(benchmark, mbpp_style, shots)
 
     @property
@@ -100,6 +128,7 @@ class PromptFormat:
 @dataclasses.dataclass(frozen=True)
 class TaskFormat:
     """User tasks ({task_id, prompt, test, prefix}): the prompt as is; program = prefix + completion."""
+
     benchmark: str
     stops: tuple = HUMANEVAL_STOPS
 
@@ -141,13 +170,22 @@ class EvalReport:
         ks = sorted(self.pass_at)
         head = "| benchmark | tasks | n | T | " + " | ".join(f"pass@{k}" for k in ks) + " |"
         sep = "|" + "---|" * (4 + len(ks))
-        row = (f"| {self.benchmark} | {self.n_tasks} | {self.n_samples} | {self.temperature:g} | "
-               + " | ".join(f"{100 * self.pass_at[k]:.2f}" for k in ks) + " |")
+        row = (
+            f"| {self.benchmark} | {self.n_tasks} | {self.n_samples} | {self.temperature:g} | "
+            + " | ".join(f"{100 * self.pass_at[k]:.2f}" for k in ks)
+            + " |"
+        )
         return "\n".join([head, sep, row])
 
 
-def check_completions(tasks: list[dict], completions: list[list[str]], fmt: PromptFormat, sandbox: Sandbox,
-                      limits: Limits | None = None, progress: str | None = None):
+def check_completions(
+    tasks: list[dict],
+    completions: list[list[str]],
+    fmt: PromptFormat,
+    sandbox: Sandbox,
+    limits: Limits | None = None,
+    progress: str | None = None,
+):
     """Runs every completion's check; returns per-sample result rows (task-major).
 
     ``limits`` applies to every program as given; by default each task gets ``task_limits``."""
@@ -159,12 +197,29 @@ def check_completions(tasks: list[dict], completions: list[list[str]], fmt: Prom
             index.append((t["task_id"], s, c))
             per_job.append(lim)
     results = sandbox.run_many(jobs, limits=per_job, progress=progress)
-    return [{"task_id": tid, "sample": s, "completion": c, "passed": r.passed, "status": r.status,
-             "detail": r.detail, "cached": r.cached} for (tid, s, c), r in zip(index, results)]
+    return [
+        {
+            "task_id": tid,
+            "sample": s,
+            "completion": c,
+            "passed": r.passed,
+            "status": r.status,
+            "detail": r.detail,
+            "cached": r.cached,
+        }
+        for (tid, s, c), r in zip(index, results)
+    ]
 
 
-def summarize(rows: list[dict], benchmark: str, n_samples: int, temperature: float, ks: Sequence[int],
-              sample_s: float = 0.0, check_s: float = 0.0) -> EvalReport:
+def summarize(
+    rows: list[dict],
+    benchmark: str,
+    n_samples: int,
+    temperature: float,
+    ks: Sequence[int],
+    sample_s: float = 0.0,
+    check_s: float = 0.0,
+) -> EvalReport:
     per_task: dict[str, list[bool]] = {}
     status: dict[str, int] = {}
     for r in rows:
@@ -172,8 +227,17 @@ def summarize(rows: list[dict], benchmark: str, n_samples: int, temperature: flo
         status[r["status"]] = status.get(r["status"], 0) + 1
     counts = [(len(v), sum(v)) for v in per_task.values()]
     pass_at = {k: mean_pass_at_k(counts, k) for k in ks if k <= n_samples}
-    return EvalReport(benchmark, len(per_task), n_samples, temperature, pass_at, status, sample_s, check_s,
-                      len(rows) / check_s if check_s else 0.0)
+    return EvalReport(
+        benchmark,
+        len(per_task),
+        n_samples,
+        temperature,
+        pass_at,
+        status,
+        sample_s,
+        check_s,
+        len(rows) / check_s if check_s else 0.0,
+    )
 
 
 def sampler_generate(sampler, sampling, max_new_tokens: int, stops: Sequence[str], key=None):
@@ -185,17 +249,28 @@ def sampler_generate(sampler, sampling, max_new_tokens: int, stops: Sequence[str
 
     def generate(prompts, n):
         state["key"], sub = jax.random.split(state["key"])
-        comps = sampler.complete(prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=sub, num_samples=n,
-                                 stop_strings=list(stops))  # fmt: skip
-        return [[c.text for c in comps[i * n: (i + 1) * n]] for i in range(len(prompts))]
+        comps = sampler.complete(
+            prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=sub, num_samples=n, stop_strings=list(stops)
+        )
+        return [[c.text for c in comps[i * n : (i + 1) * n]] for i in range(len(prompts))]
 
     return generate
 
 
-def evaluate_model(generate: Callable[[list[str], int], list[list[str]]], tasks: list[dict], fmt: PromptFormat,
-                   sandbox: Sandbox, *, n_samples: int, temperature: float, ks: Sequence[int] = (1, 10, 100),
-                   batch_tasks: int = 8, out_dir: str | None = None, limits: Limits | None = None,
-                   progress: bool = True) -> EvalReport:
+def evaluate_model(
+    generate: Callable[[list[str], int], list[list[str]]],
+    tasks: list[dict],
+    fmt: PromptFormat,
+    sandbox: Sandbox,
+    *,
+    n_samples: int,
+    temperature: float,
+    ks: Sequence[int] = (1, 10, 100),
+    batch_tasks: int = 8,
+    out_dir: str | None = None,
+    limits: Limits | None = None,
+    progress: bool = True,
+) -> EvalReport:
     """``generate(prompts, n)`` returns n raw completions per prompt; they are cut at ``fmt.stops`` here.
 
     Writes ``results.jsonl`` (one row per sample) and ``summary.json`` under ``out_dir`` when given.
@@ -207,10 +282,11 @@ def evaluate_model(generate: Callable[[list[str], int], list[list[str]]], tasks:
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=len(tasks), desc=f"sample {fmt.benchmark}", unit="task")
     t0 = time.perf_counter()
     for lo in range(0, len(order), batch_tasks):
-        idx = order[lo: lo + batch_tasks]
+        idx = order[lo : lo + batch_tasks]
         outs = generate([fmt.prompt(tasks[i]) for i in idx], n_samples)
         for i, o in zip(idx, outs):
             completions[i] = [cut_at_stops(x, fmt.stops) for x in o]

@@ -1,7 +1,8 @@
 """The unbiased pass@k estimator (Chen et al. 2021, "Evaluating Large Language Models Trained on Code")."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -6,6 +6,7 @@ Plots every run on shared axes (compare base / NTP-midtrained / RA3-midtrained s
 - ``loss.png``: training loss for NTP runs (``loss``), when present.
 ``report.md`` tabulates, per run, the first and last value and the best of each eval metric, and the final reward.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,10 @@ def write_report(runs: list[str], out: str, labels: list[str] | None = None) -> 
     figure(["reward"], "reward.png", "reward (pass rate), moving average of 5", "reward", smooth=5)
     figure(["loss"], "loss.png", "training loss", "nats/token")
 
-    lines = ["| run | steps | " + " | ".join(f"{k} (start -> last, best)" for k in eval_keys) + " | reward (last 10 steps) |",
-             "|---|---:|" + "---|" * len(eval_keys) + "---:|"]  # fmt: skip
+    lines = [
+        "| run | steps | " + " | ".join(f"{k} (start -> last, best)" for k in eval_keys) + " | reward (last 10 steps) |",
+        "|---|---:|" + "---|" * len(eval_keys) + "---:|",
+    ]
     for lab, rows in data.items():
         cells = []
         for k in eval_keys:

@@ -36,8 +36,8 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 RUNNER = Path(__file__).with_name("_runner.py")
 _VERSION = "2"  # bump when the runner's semantics change (invalidates on-disk caches)
@@ -183,9 +183,15 @@ class _ForkServer:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(
-                [python, "-I", "-B", str(RUNNER), "--serve", str(child.fileno()), *preload], pass_fds=(child.fileno(),),
-                cwd=cwd, env=_scrubbed_env(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                [python, "-I", "-B", str(RUNNER), "--serve", str(child.fileno()), *preload],
+                pass_fds=(child.fileno(),),
+                cwd=cwd,
+                env=_scrubbed_env(cwd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             child.close()
         self.sock = parent
@@ -200,7 +206,7 @@ class _ForkServer:
                 if not chunk:
                     raise EOFError("the fork server closed its socket")
                 buf += chunk
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError from None
         finally:
             self.sock.settimeout(None)
@@ -263,8 +269,16 @@ def _collect(out_fd: int, err_fd: int, pid: int, wait, limits: Limits):
 
 
 def _scrubbed_env(home: str) -> dict:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
-            "TMPDIR": "/tmp", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": home,
+        "TMPDIR": "/tmp",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
 
 
 class Sandbox:
@@ -275,9 +289,18 @@ class Sandbox:
     instead of starting an interpreter each; the isolation and limits are the same either way.
     """
 
-    def __init__(self, limits: Limits = Limits(), *, workers: int = 2, isolation: str = "auto",
-                 cache: ResultCache | None = None, base_dir: str | os.PathLike | None = None,
-                 python: str = sys.executable, fork_server: bool = True, preload: Sequence[str] = ("numpy",)):
+    def __init__(
+        self,
+        limits: Limits = Limits(),
+        *,
+        workers: int = 2,
+        isolation: str = "auto",
+        cache: ResultCache | None = None,
+        base_dir: str | os.PathLike | None = None,
+        python: str = sys.executable,
+        fork_server: bool = True,
+        preload: Sequence[str] = ("numpy",),
+    ):
         if isolation not in ("auto", "required", "none"):
             raise ValueError(f"isolation must be auto|required|none, got {isolation!r}")
         self.limits, self.workers, self.python = limits, max(1, int(workers)), python
@@ -319,8 +342,9 @@ class Sandbox:
         self.cache.put(key, result)
         return result
 
-    def run_many(self, jobs: Sequence[Job], limits: Limits | Sequence[Limits | None] | None = None,
-                 progress: str | None = None) -> list[ExecResult]:
+    def run_many(
+        self, jobs: Sequence[Job], limits: Limits | Sequence[Limits | None] | None = None, progress: str | None = None
+    ) -> list[ExecResult]:
         """Runs ``jobs`` concurrently (identical jobs under identical limits run once); results in input order.
 
         ``limits``: one ``Limits`` for every job, or one per job (None: the sandbox's)."""
@@ -336,6 +360,7 @@ class Sandbox:
         bar = None
         if progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=len(unique), desc=progress, unit="prog", leave=False)
         ex = self._executor()
         futs = {ex.submit(self.run, j, "", lim): k for k, (j, lim) in unique.items()}
@@ -359,17 +384,22 @@ class Sandbox:
                 cgroup.mkdir()
                 (cgroup / "pids.max").write_text(str(limits.nproc + 3))  # + the runner, PID 1 and the job
             os.chmod(workdir, 0o700)
-            spec = {"program": job.program, "test": job.test, "limits": limits.resolved(), "workdir": workdir,
-                    "isolate": isolation if isolation != "none" else False, "token": token,
-                    "cgroup": str(cgroup) if cgroup else None}
+            spec = {
+                "program": job.program,
+                "test": job.test,
+                "limits": limits.resolved(),
+                "workdir": workdir,
+                "isolate": isolation if isolation != "none" else False,
+                "token": token,
+                "cgroup": str(cgroup) if cgroup else None,
+            }
             if self.fork_server:
                 rc, out, err, why = self._via_server(spec, limits)
             else:
                 rc, out, err, why = self._via_exec(spec, limits, workdir)
             return self._verdict(token, rc, out, err, why, time.monotonic() - t0, limits)
         except OSError as e:
-            return ExecResult(False, "error", f"sandbox could not start the job: {e}", None, "", "",
-                              time.monotonic() - t0, False)
+            return ExecResult(False, "error", f"sandbox could not start the job: {e}", None, "", "", time.monotonic() - t0, False)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             if cgroup:
@@ -380,9 +410,15 @@ class Sandbox:
         job_path = os.path.join(workdir, ".job.json")
         with open(job_path, "w") as f:
             json.dump(spec, f)
-        proc = subprocess.Popen([self.python, "-I", "-B", str(RUNNER), job_path], cwd=workdir,
-                                env=_scrubbed_env(workdir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [self.python, "-I", "-B", str(RUNNER), job_path],
+            cwd=workdir,
+            env=_scrubbed_env(workdir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
 
         def wait(timeout):
             try:
@@ -425,7 +461,7 @@ class Sandbox:
             os.close(out_r)
             os.close(err_r)
 
-    def _server(self) -> "_ForkServer":
+    def _server(self) -> _ForkServer:
         server = getattr(self._local, "server", None)
         if server is None or server.proc.poll() is not None:
             server = _ForkServer(self.python, self.preload, str(self.base_dir))
@@ -461,7 +497,7 @@ class Sandbox:
         lines = []
         for line in text.splitlines():
             if line.startswith(token + ":"):
-                tag = line[len(token) + 1:]
+                tag = line[len(token) + 1 :]
                 if not tag.startswith("isolated="):
                     status_line = tag
                 continue
@@ -492,4 +528,3 @@ class Sandbox:
         if status == "failed" and "MemoryError" in tail:
             status = "memory"
         return ExecResult(status == "passed", status, detail, rc, stdout[:4096], stderr[-4096:], wall, isolated)
-

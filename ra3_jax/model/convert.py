@@ -6,6 +6,7 @@ rotates interleaved pairs (2i, 2i+1). ``load_gguf(..., rope_layout="half")`` (de
 and gives HF-layout weights; ``rope_layout="interleaved"`` keeps the file's rows and the model then applies
 interleaved RoPE. Both compute the same function (tested).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -128,7 +129,9 @@ def load_gguf(path: str, *, rope_layout: str = "half", dtype=np.float32, **cfg_o
             arr = dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise CheckpointError(f"cannot dequantize tensor {t.name} ({t.tensor_type.name}) of {path}: {e}") from None
-        tensors[t.name] = np.asarray(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)] if arr.ndim != len(t.shape) else arr.shape)
+        tensors[t.name] = np.asarray(arr, dtype=np.float32).reshape(
+            [int(x) for x in reversed(t.shape)] if arr.ndim != len(t.shape) else arr.shape
+        )
 
     def get(name):
         if name not in tensors:

@@ -6,6 +6,7 @@ linear weights, RoPE in the rotate_half layout (interleaved/GGUF-layout models a
 of at most ``max_shard_bytes`` with a ``model.safetensors.index.json`` when there is more than one. The files
 are written into a temporary folder and renamed into place when complete.
 """
+
 from __future__ import annotations
 
 import json

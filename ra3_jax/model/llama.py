@@ -9,6 +9,7 @@ attention reshapes to heads only inside the attention block. The KV cache is ``[
 (no cache: causal + same-segment mask, packed documents never attend to each other) and the sampler (cache:
 the T new tokens are written at ``cache.index`` and attend to every valid earlier slot).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,7 +55,7 @@ class LlamaConfig:
     def dtype(self):
         return jnp.dtype(self.compute_dtype)
 
-    def replace(self, **kw) -> "LlamaConfig":
+    def replace(self, **kw) -> LlamaConfig:
         return dataclasses.replace(self, **kw)
 
     def num_params(self) -> int:
@@ -77,7 +78,7 @@ class KVCache:
     index: jax.Array  # [] int32: next slot to write (shared by all rows; rows differ by padding + positions)
 
     @classmethod
-    def init(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    def init(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
         dtype = dtype or cfg.dtype
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         return cls(
@@ -166,10 +167,12 @@ def _attention_cached(q, ck, cv, k_new, v_new, mask_old, mask_new):
     p_old, p_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
     denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
     dt = cv.dtype
-    out = jnp.einsum("bqs,bsd->bqd", p_old.astype(dt).reshape(B * K, G * T, S), cv.reshape(B * K, S, Dh),
-                     preferred_element_type=jnp.float32)  # fmt: skip
-    out = out + jnp.einsum("bqs,bsd->bqd", p_new.astype(dt).reshape(B * K, G * T, T), v_new.reshape(B * K, T, Dh),
-                           preferred_element_type=jnp.float32)  # fmt: skip
+    out = jnp.einsum(
+        "bqs,bsd->bqd", p_old.astype(dt).reshape(B * K, G * T, S), cv.reshape(B * K, S, Dh), preferred_element_type=jnp.float32
+    )
+    out = out + jnp.einsum(
+        "bqs,bsd->bqd", p_new.astype(dt).reshape(B * K, G * T, T), v_new.reshape(B * K, T, Dh), preferred_element_type=jnp.float32
+    )
     out = out / denom.reshape(B * K, G * T, 1)
     return out.astype(dt).reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4)
 
@@ -265,7 +268,7 @@ def forward(
     else:
         outs = []
         for i in range(cfg.n_layers):
-            sl = jax.tree.map(lambda a: a[i], (layers, kv_in))
+            sl = jax.tree.map(lambda a, i=i: a[i], (layers, kv_in))
             x, kv = body(x, sl)
             outs.append(kv)
         kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
@@ -276,8 +279,12 @@ def forward(
         # kv_out: the new keys/values [L, B, K, T, Dh]. Writing them with one update (instead of returning the
         # whole cache from the layer scan) keeps decode cost flat in the cache length inside a while loop.
         at = (0, 0, 0, cache_index, 0)
-        new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, kv_out[0], at),
-                            v=jax.lax.dynamic_update_slice(cache.v, kv_out[1], at), valid=valid, index=cache.index + T)  # fmt: skip
+        new_cache = KVCache(
+            k=jax.lax.dynamic_update_slice(cache.k, kv_out[0], at),
+            v=jax.lax.dynamic_update_slice(cache.v, kv_out[1], at),
+            valid=valid,
+            index=cache.index + T,
+        )
     if return_hidden:
         return x.reshape(B, T, -1), new_cache
     logits = x @ output_weight(params, cfg).astype(dt)

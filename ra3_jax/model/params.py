@@ -1,4 +1,5 @@
 """Abstract parameter specs: ONE description per leaf gives init, shardings and checkpoint restore."""
+
 from __future__ import annotations
 
 import dataclasses

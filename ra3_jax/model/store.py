@@ -4,6 +4,7 @@ Two kinds of directory load through ``load_model``:
   * written by ``ra3 convert``: ``<dir>/params`` (Orbax StandardCheckpointer) ;
   * a training run: ``<dir>/checkpoints/<step>/state`` (the params of the latest step are restored).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -8,6 +8,7 @@ So starting a new latent costs c = log(alpha / (1 - alpha)) nats relative to con
 on one latent path z (what the E-step's selection produces), the bound is log p(x, z) = sum_t [log p_0(z_t) +
 log p_theta(a_t | ...)], which is what :func:`path_log_joint` computes.
 """
+
 from __future__ import annotations
 
 import math

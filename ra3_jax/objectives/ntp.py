@@ -1,4 +1,5 @@
 """Next-token prediction: per-token log-likelihoods shared by the trainer, evaluation and (later) the sampler."""
+
 from __future__ import annotations
 
 import jax

@@ -2,6 +2,7 @@
 
 Rewards come in groups of G samples that share a prompt, laid out group-major: ``rewards[n * G + g]``.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp

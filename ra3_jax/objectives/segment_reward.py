@@ -1,4 +1,5 @@
 """RLPT rewards: the prefix-match judge (default) and parsing of the wrapped prediction."""
+
 from __future__ import annotations
 
 START, END = "<|startofprediction|>", "<|endofprediction|>"

@@ -4,6 +4,7 @@ Layout: ``<out_dir>/checkpoints/<step>/{state,data,meta}``. Orbax writes each st
 directory and renames it when complete, so a process killed mid-save leaves no half-written step behind:
 ``latest_step()`` only sees finished ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,11 +74,16 @@ class RunCheckpointer:
         return _detuple(out["data"])
 
     def restore_params(self, step: int, abstract_params):
-        out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract_params}),
-            partial_restore=True,
-        )))  # fmt: skip
+        out = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract_params}),
+                    partial_restore=True,
+                )
+            ),
+        )
         return out["state"]["params"]
 
     def wait(self) -> None:

@@ -10,13 +10,13 @@ arguments, outputs, donated (aliased) bytes and temporaries (activations, gradie
 parameter / optimizer / batch numbers are the ones the accelerator will hold; temporaries are the CPU
 compiler's and only indicative for GPU/TPU.
 """
+
 from __future__ import annotations
 
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ra3_jax import sharding
 from ra3_jax.config import RunConfig
@@ -54,8 +54,10 @@ def compile_check(cfg: RunConfig, mesh) -> dict:
     model_cfg = read_model_shape(cfg.model)
     dp = sharding.data_parallel_size(mesh)
     if (cfg.data.batch_size // cfg.optim.grad_accum) % dp:
-        raise ValueError(f"micro-batch {cfg.data.batch_size // cfg.optim.grad_accum} (data.batch_size / optim.grad_accum) "
-                         f"is not divisible by the data-parallel size {dp} of mesh {dict(mesh.shape)}")  # fmt: skip
+        raise ValueError(
+            f"micro-batch {cfg.data.batch_size // cfg.optim.grad_accum} (data.batch_size / optim.grad_accum) "
+            f"is not divisible by the data-parallel size {dp} of mesh {dict(mesh.shape)}"
+        )
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     state = abstract_state(model_cfg, tx, mesh)
     batch = abstract_batch(cfg, mesh)
@@ -84,8 +86,12 @@ def compile_check(cfg: RunConfig, mesh) -> dict:
             compiled_code_bytes=int(mem.generated_code_size_in_bytes),
         )
         # Live at the peak: inputs + (outputs not written in place of donated inputs) + temporaries.
-        report["estimated_peak_bytes_per_device"] = (report["compiled_argument_bytes"] + report["compiled_output_bytes"]
-                                                     - report["compiled_alias_bytes"] + report["compiled_temp_bytes"])  # fmt: skip
+        report["estimated_peak_bytes_per_device"] = (
+            report["compiled_argument_bytes"]
+            + report["compiled_output_bytes"]
+            - report["compiled_alias_bytes"]
+            + report["compiled_temp_bytes"]
+        )
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -121,7 +127,8 @@ def format_report(r: dict) -> str:
         lines += [
             "compiled train step (XLA memory analysis, per device):",
             f"  arguments         {gib(r['compiled_argument_bytes'])}",
-            f"  outputs           {gib(r['compiled_output_bytes'])}   (donated in place: {gib(r['compiled_alias_bytes']).strip()})",
+            f"  outputs           {gib(r['compiled_output_bytes'])}   "
+            f"(donated in place: {gib(r['compiled_alias_bytes']).strip()})",
             f"  temporaries       {gib(r['compiled_temp_bytes'])}   (activations, gradients, workspace)",
             f"  estimated peak    {gib(r['estimated_peak_bytes_per_device'])}",
         ]

@@ -4,6 +4,7 @@ Resume is exact: the train state, the Grain iterator state and the step counter 
 so training N steps straight and training k steps, dying, and resuming to N give identical parameters and
 loss curves on CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -238,10 +239,16 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
     if cfg.data.num_epochs and cfg.data.process_split == "records" and distributed.data_shard(mesh, cfg.data.batch_size)[3] > 1:
         # Record shards hold different numbers of batches: processes would run out at different steps and wait
         # on each other forever.
-        raise TrainingError("data.num_epochs > 0 with data.process_split=records in a multi-process run: the per-process "
-                            "shards end at different steps. Use data.process_split=rows, or num_epochs=0 (repeat) with train.steps")  # fmt: skip
-    ckpt = RunCheckpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints)
-    ds = process_dataset(sources["train"], tokenizer, cfg, mesh, seed=cfg.data.shuffle_seed, num_epochs=cfg.data.num_epochs or None)
+        raise TrainingError(
+            "data.num_epochs > 0 with data.process_split=records in a multi-process run: the per-process "
+            "shards end at different steps. Use data.process_split=rows, or num_epochs=0 (repeat) with train.steps"
+        )
+    ckpt = RunCheckpointer(
+        os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints
+    )
+    ds = process_dataset(
+        sources["train"], tokenizer, cfg, mesh, seed=cfg.data.shuffle_seed, num_epochs=cfg.data.num_epochs or None
+    )
     data_iter = iter(ds)
     start = ckpt.latest_step()
     if start is not None:
@@ -289,12 +296,21 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
                 last = m
                 if progress is not None:
                     progress.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps) and sources["validation"] is not None:
+            if (
+                cfg.train.eval_every
+                and (step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+                and sources["validation"] is not None
+            ):
                 ev = evaluate(state.params, eval_fn, sources["validation"], tokenizer, cfg, mesh, token_bytes)
                 writer.write(step, ev)
                 last.update(ev)
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-                ckpt.save(step, state, data_state_to_save(data_iter, cfg), {"step": step, "mode": mode, "processes": jax.process_count()})
+                ckpt.save(
+                    step,
+                    state,
+                    data_state_to_save(data_iter, cfg),
+                    {"step": step, "mode": mode, "processes": jax.process_count()},
+                )
             if progress is not None:
                 progress.update(1)
             if kill_after and step == kill_after:

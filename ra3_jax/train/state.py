@@ -1,4 +1,5 @@
 """TrainState pytree, optimizer, and the shardings of both (derived from the param specs)."""
+
 from __future__ import annotations
 
 import flax.struct
@@ -26,15 +27,24 @@ def learning_rate_schedule(optim, total_steps: int):
             [max(optim.warmup_steps, 1)],
         )
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim.lr, warmup_steps=max(optim.warmup_steps, 1),
-        decay_steps=max(decay, optim.warmup_steps + 1), end_value=optim.lr * optim.min_lr_ratio,
-    )  # fmt: skip
+        init_value=0.0,
+        peak_value=optim.lr,
+        warmup_steps=max(optim.warmup_steps, 1),
+        decay_steps=max(decay, optim.warmup_steps + 1),
+        end_value=optim.lr * optim.min_lr_ratio,
+    )
 
 
 def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731 no decay on norms/biases
-    tx = optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                     weight_decay=optim.weight_decay, mask=decay_mask)  # fmt: skip
+    tx = optax.adamw(
+        learning_rate_schedule(optim, total_steps),
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        mask=decay_mask,
+    )
     if optim.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
     return tx

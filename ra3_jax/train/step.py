@@ -1,4 +1,5 @@
 """Jitted pure step functions with explicit shardings and donation."""
+
 from __future__ import annotations
 
 import functools
@@ -22,6 +23,7 @@ def train_step(state: TrainState, batch: dict, *, model_cfg, tx: optax.GradientT
     summed NLL are accumulated in float32 and divided by the total token count once (so A does not change
     the result beyond float rounding).
     """
+
     def loss_and_grad(params, b):
         (nll, n), g = jax.value_and_grad(lambda p: nll_sum(p, b, model_cfg), has_aux=True)(params)
         return nll, n, g
