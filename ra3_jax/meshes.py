@@ -23,11 +23,13 @@ from pathlib import Path
 
 import yaml
 
+from ra3_jax.errors import RA3Error
+
 ENV_MESH_DIR = "RA3_MESH_DIR"
 MESH_KEYS = ("description", "platform", "devices", "processes", "data", "fsdp", "tensor", "dcn_data")
 
 
-class MeshConfigError(ValueError):
+class MeshConfigError(RA3Error, ValueError):
     pass
 
 

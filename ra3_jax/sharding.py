@@ -17,6 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ra3_jax.errors import InputError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated). Ordered; first match wins.
@@ -51,29 +53,29 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, d
     n = len(devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1")
+        raise InputError("at most one mesh axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise InputError(f"mesh sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
     if -1 in sizes:
         if n % known:
-            raise ValueError(f"{n} devices cannot be split into mesh fsdp={fsdp} tensor={tensor} x data")
+            raise InputError(f"{n} devices cannot be split into mesh fsdp={fsdp} tensor={tensor} x data")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(
+        raise InputError(
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
             f"but {n} are available ({jax.default_backend()}); fix the mesh section of the config"
         )
     if dcn_data > 1:
         if sizes[0] % dcn_data:
-            raise ValueError(f"mesh.dcn_data={dcn_data} must divide the data axis ({sizes[0]})")
+            raise InputError(f"mesh.dcn_data={dcn_data} must divide the data axis ({sizes[0]})")
         from jax.experimental import mesh_utils
 
         on_tpu = devices[0].platform == "tpu"
         granules = len({getattr(d, "slice_index", 0) for d in devices}) if on_tpu else len({d.process_index for d in devices})
         if granules != dcn_data:
             what = "TPU slices" if on_tpu else "processes"
-            raise ValueError(f"mesh.dcn_data={dcn_data} but the run has {granules} {what}; set dcn_data to that count")
+            raise InputError(f"mesh.dcn_data={dcn_data} but the run has {granules} {what}; set dcn_data to that count")
         arr = mesh_utils.create_hybrid_device_mesh(
             [sizes[0] // dcn_data, sizes[1], sizes[2]],
             [dcn_data, 1, 1],

@@ -1,20 +1,39 @@
 import os
 
 import pytest
+import yaml
 
-from ra3_jax.config import ConfigError, load_config
+from ra3_jax.config import ConfigError, RunConfig, load_config
 
 from .conftest import REPO
 
 
-def test_shipped_configs_load():
+def test_shipped_configs_load_every_value_they_set():
     import glob
 
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(f"{REPO}/configs/*.yaml"))
     assert {"tiny_cpu", "smollm2_135m_cpu", "ra3_tiny_cpu", "ra3_smollm2_cpu", "rlvr_smollm2"} <= set(names)
+    default = RunConfig()
     for name in names:
+        with open(f"{REPO}/configs/{name}.yaml", encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
         cfg = load_config(f"{REPO}/configs/{name}.yaml")
-        assert cfg.train.steps > 0
+        changed = 0
+        for section, values in raw.items():
+            for key, value in values.items():
+                assert getattr(getattr(cfg, section), key) == value, f"{name}.yaml: {section}.{key}"
+                changed += value != getattr(getattr(default, section), key)
+        assert changed, f"{name}.yaml sets nothing but defaults"
+
+
+def test_yaml_value_and_override_change_the_field(tmp_path):
+    assert RunConfig().train.steps == 100
+    assert load_config(f"{REPO}/configs/tiny_cpu.yaml").train.steps == 20  # from the file
+    assert load_config(f"{REPO}/configs/tiny_cpu.yaml", ["train.steps=3"]).train.steps == 3  # the override wins
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*Did you mean 'lr'"):
+        load_config(bad)
 
 
 def test_overrides_are_typed():
@@ -43,14 +62,14 @@ def test_bad_values():
 
 
 def test_rlvr_section_validation():
-    cfg = load_config(None, ["rlvr.group_size=4", "rlvr.advantage=rloo", "rlvr.micro_batch=8"])
-    assert (cfg.rlvr.group_size, cfg.rlvr.advantage, cfg.rlvr.micro_batch) == (4, "rloo", 8)
+    cfg = load_config(None, ["policy.group_size=4", "policy.advantage=rloo", "policy.micro_batch=8"])
+    assert (cfg.policy.group_size, cfg.policy.advantage, cfg.policy.micro_batch) == (4, "rloo", 8)
     for bad, msg in [
-        ("rlvr.group_size=1", "at least 2 samples"),
-        ("rlvr.advantage=ppo", "rlvr.advantage"),
-        ("rlvr.micro_batch=-1", "micro_batch"),
+        ("policy.group_size=1", "at least 2 samples"),
+        ("policy.advantage=ppo", "policy.advantage"),
+        ("policy.micro_batch=-1", "micro_batch"),
         ("rlvr.timeout_s=0", "timeout_s"),
-        ("rlvr.promts_per_step=4", "Did you mean 'prompts_per_step'"),
+        ("policy.promts_per_step=4", "Did you mean 'prompts_per_step'"),
     ]:
         with pytest.raises(ConfigError, match=msg):
             load_config(None, [bad])

@@ -13,13 +13,18 @@ the T new tokens are written at ``cache.index`` and attend to every valid earlie
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ra3_jax.errors import InputError
+
 NEG_INF = -1e30
+RopeLayout = Literal["half", "interleaved"]
+DType = Literal["float32", "bfloat16"]
+Remat = Literal["none", "full", "dots", "dots_no_batch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +37,14 @@ class LlamaConfig:
     d_ff: int
     head_dim: int | None = None
     rope_theta: float = 10000.0
-    rope_layout: str = "half"  # half: HF rotate_half pairs (i, i+Dh/2); interleaved: GGUF/Meta pairs (2i, 2i+1)
+    rope_layout: RopeLayout = "half"  # half: HF rotate_half pairs (i, i+Dh/2); interleaved: GGUF/Meta pairs (2i, 2i+1)
     norm_eps: float = 1e-5
     qkv_bias: bool = False
     tie_embeddings: bool = True
     max_seq_len: int = 2048
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: str = "none"
+    param_dtype: DType = "float32"
+    compute_dtype: DType = "float32"
+    remat: Remat = "none"  # none | full | dots | dots_no_batch (per-layer checkpointing policy)
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per scan iteration (>1 trades compile time for fewer loop overheads)
 
@@ -47,9 +52,9 @@ class LlamaConfig:
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+            raise InputError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
-            raise ValueError("head_dim must be even for RoPE")
+            raise InputError("head_dim must be even for RoPE")
 
     @property
     def dtype(self):
@@ -119,7 +124,7 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array, layout: str) -> jax
         x1, x2 = x[..., 0::2], x[..., 1::2]
         out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
     else:
-        raise ValueError(f"unknown rope_layout {layout!r}")
+        raise InputError(f"unknown rope_layout {layout!r}")
     return out.astype(dtype)
 
 
@@ -213,6 +218,49 @@ def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: in
     return x, new_kv
 
 
+def _masks(segment_ids: jax.Array, cache: KVCache | None, empty_cache: bool):
+    """Attention masks -> (mask, cache valid after this call or None).
+
+    Without a cache: [B, T, T] causal + same-segment, pads excluded. With one: (mask_old [B, T, S] over the
+    slots written before this call and real -- None for an empty cache --, mask_new [B, T, T] causal among the
+    new tokens, pads excluded)."""
+    B, T = segment_ids.shape
+    if cache is None:
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        return causal[None] & same & (segment_ids[:, None, :] != 0), None
+    S = cache.max_len
+    valid = jax.lax.dynamic_update_slice(cache.valid, segment_ids != 0, (0, cache.index))
+    mask_old = None
+    if not empty_cache:
+        mask_old = jnp.broadcast_to(((jnp.arange(S) < cache.index)[None, :] & cache.valid)[:, None, :], (B, T, S))
+    mask_new = jnp.tril(jnp.ones((T, T), bool))[None] & (segment_ids != 0)[:, None, :]
+    return (mask_old, mask_new), valid
+
+
+def _run_layers(x, layers, sin, cos, mask, cache: KVCache | None, cfg: LlamaConfig, B: int, T: int):
+    """Every decoder block (a scan over the stacked layers, or a Python loop) -> (x, new keys/values
+    [L, B, K, T, Dh] each, or None without a cache)."""
+    cache_index = None if cache is None else cache.index
+
+    def body(x, layer_in):
+        lp, kv = layer_in
+        return _layer(x, lp, sin, cos, mask, kv, cache_index, cfg, B, T)
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_remat_policy(cfg.remat))
+
+    kv_in = None if cache is None else (cache.k, cache.v)
+    if cfg.scan_layers:
+        return jax.lax.scan(body, x, (layers, kv_in), unroll=cfg.scan_unroll)
+    outs = []
+    for i in range(cfg.n_layers):
+        sl = jax.tree.map(lambda a, i=i: a[i], (layers, kv_in))
+        x, kv = body(x, sl)
+        outs.append(kv)
+    return x, None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
 def forward(
     params: dict[str, Any],
     tokens: jax.Array,
@@ -237,48 +285,14 @@ def forward(
     sin, cos = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
-
-    if cache is None:
-        causal = jnp.tril(jnp.ones((T, T), bool))
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = causal[None] & same & (segment_ids[:, None, :] != 0)
-        cache_index = None
-    else:
-        S = cache.max_len
-        cache_index = cache.index
-        valid = jax.lax.dynamic_update_slice(cache.valid, segment_ids != 0, (0, cache_index))
-        # (old slots: written before this call and real; new tokens: causal among themselves, pads excluded)
-        mask_old = None
-        if not empty_cache:
-            mask_old = jnp.broadcast_to(((jnp.arange(S) < cache_index)[None, :] & cache.valid)[:, None, :], (B, T, S))
-        mask_new = jnp.tril(jnp.ones((T, T), bool))[None] & (segment_ids != 0)[:, None, :]
-        mask = (mask_old, mask_new)
-
-    def body(x, layer_in):
-        lp, kv = layer_in
-        return _layer(x, lp, sin, cos, mask, kv, cache_index, cfg, B, T)
-
-    if cfg.remat != "none":
-        body = jax.checkpoint(body, policy=_remat_policy(cfg.remat))
-
-    layers = params["layers"]
-    kv_in = None if cache is None else (cache.k, cache.v)
-    if cfg.scan_layers:
-        x, kv_out = jax.lax.scan(body, x, (layers, kv_in), unroll=cfg.scan_unroll)
-    else:
-        outs = []
-        for i in range(cfg.n_layers):
-            sl = jax.tree.map(lambda a, i=i: a[i], (layers, kv_in))
-            x, kv = body(x, sl)
-            outs.append(kv)
-        kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-
+    mask, valid = _masks(segment_ids, cache, empty_cache)
+    x, kv_out = _run_layers(x, params["layers"], sin, cos, mask, cache, cfg, B, T)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     new_cache = None
     if cache is not None:
         # kv_out: the new keys/values [L, B, K, T, Dh]. Writing them with one update (instead of returning the
         # whole cache from the layer scan) keeps decode cost flat in the cache length inside a while loop.
-        at = (0, 0, 0, cache_index, 0)
+        at = (0, 0, 0, cache.index, 0)
         new_cache = KVCache(
             k=jax.lax.dynamic_update_slice(cache.k, kv_out[0], at),
             v=jax.lax.dynamic_update_slice(cache.v, kv_out[1], at),

@@ -5,10 +5,14 @@ Rewards come in groups of G samples that share a prompt, laid out group-major: `
 
 from __future__ import annotations
 
+import typing
+
 import jax.numpy as jnp
 
-ADVANTAGES = ("grpo", "rloo", "drgrpo")
-KL_ESTIMATORS = ("k1", "k3")
+from ra3_jax.config import Advantage, KLEstimator
+
+ADVANTAGES = typing.get_args(Advantage)
+KL_ESTIMATORS = typing.get_args(KLEstimator)
 
 
 def group_advantages(rewards, group_size: int, method: str = "grpo", eps: float = 1e-6):
