@@ -1,11 +1,13 @@
 """In-graph sampler: prefill + decode over a KV cache in ONE jitted function (lax.while_loop, no per-token host
 round trip). Serves every rollout (RA3 E-step, RLVR, RLPT) and evaluation completions.
 
+The sampler is stateless: :class:`Sampler` holds the model config and the tokenizer, and the params are the first
+argument of every call (``sampler.generate_tokens(params, prompts, ...)``), so one Sampler serves any weights.
+
 Conventions: prompts are LEFT-padded to a bucketed length P (right-padded input is converted in-graph), so the
 last prompt slot is real for every row and row b's positions are ``slot - (P - len_b)``. G samples per prompt
 share one prefill: the cache is computed for the B prompts and repeated G times along the batch.
-Stop strings are matched EXACTLY at the byte level in-graph: every sampled token's bytes are fed through a
-KMP automaton per stop string, so a stop string is found whatever tokens spell it.
+Stop strings are matched exactly at the byte level in-graph (:mod:`ra3_jax.stop_strings`).
 """
 
 from __future__ import annotations
@@ -20,93 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ra3_jax.distributed import fetch
+from ra3_jax.errors import InputError
 from ra3_jax.model.llama import KVCache, LlamaConfig, forward
+from ra3_jax.sampling import Greedy, SamplingMethod, Temperature, sampling_method  # noqa: F401  (re-exported)
+from ra3_jax.stop_strings import advance_stops, build_stop_automata, token_byte_table, trim_at_stop
 
 STOP_LENGTH, STOP_EOS, STOP_STRING = 0, 1, 2
 STOP_REASONS = {STOP_LENGTH: "length", STOP_EOS: "eos", STOP_STRING: "stop_string"}
-
-
-# ------------------------------------------------------------------------------------------ sampling methods
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """One interface for greedy / temperature / top-k / top-p (combinable). temperature 0 = greedy."""
-
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def process(self, logits: jax.Array) -> jax.Array:
-        """Filtered, temperature-scaled logits ([..., V] float32); disallowed tokens get -inf."""
-        if self.greedy:
-            return logits
-        x = logits / self.temperature
-        if self.top_k:
-            kth = jax.lax.top_k(x, self.top_k)[0][..., -1:]
-            x = jnp.where(x < kth, -jnp.inf, x)
-        if self.top_p < 1.0:
-            srt = jnp.sort(x, axis=-1)[..., ::-1]
-            probs = jax.nn.softmax(srt, axis=-1)
-            before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
-            keep = before < self.top_p  # always keeps the top token
-            thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-            x = jnp.where(x < thresh, -jnp.inf, x)
-        return x
-
-    def sample(self, logits: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """-> (tokens [...], processed logits)."""
-        x = self.process(logits)
-        if self.greedy:
-            return jnp.argmax(x, axis=-1).astype(jnp.int32), x
-        return jax.random.categorical(key, x, axis=-1).astype(jnp.int32), x
-
-
-# ------------------------------------------------------------------------------------------- stop strings
-def build_stop_automata(stop_strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """KMP DFAs, one per stop string: (dfa [n, M+1, 256] int32, accept_state [n] int32)."""
-    pats = [s.encode("utf-8") for s in stop_strings if s]
-    if not pats:
-        return np.zeros((0, 1, 256), np.int32), np.zeros((0,), np.int32)
-    M = max(len(p) for p in pats)
-    dfa = np.zeros((len(pats), M + 1, 256), np.int32)
-    for i, p in enumerate(pats):
-        m = len(p)
-        dfa[i, 0, p[0]] = 1
-        x = 0
-        for j in range(1, m):
-            dfa[i, j] = dfa[i, x]
-            dfa[i, j, p[j]] = j + 1
-            x = dfa[i, x, p[j]]
-        dfa[i, m:] = m  # absorbing accept state
-    return dfa, np.array([len(p) for p in pats], np.int32)
-
-
-def token_byte_table(tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes [V, Lmax] uint8-as-int32, lengths [V]) for in-graph stop matching; special tokens are empty."""
-    strings = tokenizer.token_byte_strings()
-    L = max(1, max(len(b) for b in strings))
-    table = np.zeros((vocab_size, L), np.int32)
-    lens = np.zeros((vocab_size,), np.int32)
-    for i, b in enumerate(strings[:vocab_size]):
-        table[i, : len(b)] = list(b)
-        lens[i] = len(b)
-    return table, lens
-
-
-def _advance_stops(states, tok_bytes, tok_len, dfa, accept):
-    """states [B, n]; tok_bytes [B, L]; tok_len [B] -> (new states, matched [B])."""
-    n = dfa.shape[0]
-
-    def step(j, st):
-        byte = tok_bytes[:, j]  # [B]
-        nxt = dfa[jnp.arange(n)[None, :], st, byte[:, None]]  # [B, n]
-        return jnp.where((j < tok_len)[:, None], nxt, st)
-
-    states = jax.lax.fori_loop(0, tok_bytes.shape[1], step, states)
-    return states, jnp.any(states == accept[None, :], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -120,7 +42,9 @@ class SampleOutput:
 
 
 @flax.struct.dataclass
-class _State:
+class DecodeState:
+    """The while-loop carry, BG = B * G rows."""
+
     step: jax.Array
     logits: jax.Array  # [BG, V] next-token logits
     cache: KVCache
@@ -135,26 +59,130 @@ class _State:
     key: jax.Array
 
 
+@flax.struct.dataclass
+class DecodeContext:
+    """Per-call constants of the decode loop (BG rows)."""
+
+    forced_prefix: jax.Array  # [BG, F] tokens row r must emit first
+    forced_lengths: jax.Array  # [BG]
+    eos: jax.Array  # [n_eos] int32 (-1 when none)
+    stop_dfa: jax.Array  # [n_stop, M+1, 256]
+    stop_accept: jax.Array  # [n_stop]
+    tok_bytes: jax.Array  # [V, Lmax]
+    tok_len: jax.Array  # [V]
+
+
 def _to_left_padded(tokens, lengths):
     """Right-padded [B, P] -> left-padded (per-row roll)."""
     P = tokens.shape[1]
     return jax.vmap(lambda t, n: jnp.roll(t, P - n))(tokens, lengths)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "cfg",
-        "sampling",
-        "max_new_tokens",
-        "num_samples",
-        "eos_ids",
-        "pad_id",
-        "right_padded",
-        "cache_len",
-        "valid_vocab",
-    ),
-)
+def prefill(
+    params,
+    prompt_tokens,
+    prompt_lengths,
+    key,
+    *,
+    cfg: LlamaConfig,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    n_stops: int = 0,
+    pad_id: int = 0,
+    cache_len: int | None = None,
+) -> DecodeState:
+    """Run the B left-padded prompts [B, P] through the model once into a KV cache, repeat it G = num_samples
+    times along the batch and return the initial decode state (the next-token logits of every row)."""
+    B, P = prompt_tokens.shape
+    G, N = num_samples, max_new_tokens
+    slot = jnp.arange(P)[None, :]
+    offset = (P - prompt_lengths)[:, None]
+    valid = slot >= offset
+    positions = jnp.where(valid, slot - offset, 0)
+    cache = KVCache.init(cfg, B, cache_len or (P + N))
+    logits, cache = forward(
+        params, prompt_tokens, positions, cfg, segment_ids=valid.astype(jnp.int32), cache=cache, empty_cache=True
+    )
+    rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731  prefill shared by the G samples of a prompt
+    cache = KVCache(k=jnp.repeat(cache.k, G, axis=1), v=jnp.repeat(cache.v, G, axis=1), valid=rep(cache.valid), index=cache.index)
+    BG = B * G
+    return DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        logits=rep(logits[:, -1, :]),
+        cache=cache,
+        pos=rep(prompt_lengths).astype(jnp.int32),
+        done=jnp.zeros((BG,), bool),
+        reason=jnp.full((BG,), STOP_LENGTH, jnp.int32),
+        lengths=jnp.zeros((BG,), jnp.int32),
+        tokens=jnp.full((BG, N), pad_id, jnp.int32),
+        lp=jnp.zeros((BG, N), jnp.float32),
+        lp_proc=jnp.zeros((BG, N), jnp.float32),
+        stop_state=jnp.zeros((BG, n_stops), jnp.int32),
+        key=key,
+    )
+
+
+def _next_token(s: DecodeState, ctx: DecodeContext, key, sampling: SamplingMethod, valid_vocab: int | None):
+    """-> (token [BG], forced [BG], log p under the model, log p under the sampling distribution)."""
+    allowed = s.logits
+    if valid_vocab is not None and valid_vocab < s.logits.shape[-1]:
+        allowed = jnp.where(jnp.arange(s.logits.shape[-1]) < valid_vocab, s.logits, -jnp.inf)
+    tok, proc = sampling.sample(allowed, key)
+    F = ctx.forced_prefix.shape[1]
+    forced_tok = ctx.forced_prefix[:, jnp.minimum(s.step, F - 1)] if F else tok
+    is_forced = s.step < ctx.forced_lengths
+    tok = jnp.where(is_forced, forced_tok, tok)
+    tok_lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+    if sampling.greedy:  # the sampling distribution is a point mass
+        tok_lpp = jnp.zeros_like(tok_lp)
+    else:
+        tok_lpp = jnp.take_along_axis(jax.nn.log_softmax(proc, axis=-1), tok[:, None], axis=-1)[:, 0]
+    return tok, is_forced, tok_lp, tok_lpp
+
+
+def decode_step(
+    params,
+    s: DecodeState,
+    ctx: DecodeContext,
+    *,
+    cfg: LlamaConfig,
+    sampling: SamplingMethod,
+    pad_id: int = 0,
+    valid_vocab: int | None = None,
+) -> DecodeState:
+    """One loop body: pick every row's next token, record it, check EOS / stop strings, run the model on it."""
+    key, sub = jax.random.split(s.key)
+    tok, is_forced, tok_lp, tok_lpp = _next_token(s, ctx, sub, sampling, valid_vocab)
+    active = ~s.done
+    tok = jnp.where(active, tok, pad_id)
+    tok_len = jnp.where(active, ctx.tok_len[tok], 0)
+    stop_state, hit = advance_stops(s.stop_state, ctx.tok_bytes[tok], tok_len, ctx.stop_dfa, ctx.stop_accept)
+    hit_eos = active & ~is_forced & jnp.any(tok[:, None] == ctx.eos[None, :], axis=-1)
+    hit_str = active & ~is_forced & hit & ~hit_eos
+    # one decode step for every row; finished rows feed a pad that nobody attends to
+    logits, cache = forward(
+        params, tok[:, None], s.pos[:, None], cfg, segment_ids=active[:, None].astype(jnp.int32), cache=s.cache
+    )
+    return DecodeState(
+        step=s.step + 1,
+        logits=logits[:, 0],
+        cache=cache,
+        pos=s.pos + active.astype(jnp.int32),
+        done=s.done | hit_eos | hit_str,
+        reason=jnp.where(hit_eos, STOP_EOS, jnp.where(hit_str, STOP_STRING, s.reason)),
+        lengths=s.lengths + active.astype(jnp.int32),
+        tokens=s.tokens.at[:, s.step].set(tok),
+        lp=s.lp.at[:, s.step].set(jnp.where(active, tok_lp, 0.0)),
+        lp_proc=s.lp_proc.at[:, s.step].set(jnp.where(active, tok_lpp, 0.0)),
+        stop_state=stop_state,
+        key=key,
+    )
+
+
+_STATIC = ("cfg", "sampling", "max_new_tokens", "num_samples", "eos_ids", "pad_id", "right_padded", "cache_len", "valid_vocab")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def generate(
     params,
     prompt_tokens,
@@ -168,7 +196,7 @@ def generate(
     tok_len,
     *,
     cfg: LlamaConfig,
-    sampling: SamplingParams,
+    sampling: SamplingMethod,
     max_new_tokens: int,
     num_samples: int = 1,
     eos_ids: tuple = (),
@@ -184,90 +212,23 @@ def generate(
     valid_vocab: ids >= this are never sampled (a model vocabulary padded past the tokenizer's); the logprobs
     under the model stay full-vocabulary, as the trainer computes them.
     """
-    B, P = prompt_tokens.shape
     G, N = num_samples, max_new_tokens
     if right_padded:
         prompt_tokens = _to_left_padded(prompt_tokens, prompt_lengths)
-    slot = jnp.arange(P)[None, :]
-    offset = (P - prompt_lengths)[:, None]
-    valid = slot >= offset
-    positions = jnp.where(valid, slot - offset, 0)
-    S = cache_len or (P + N)
-    cache = KVCache.init(cfg, B, S)
-    logits, cache = forward(
-        params, prompt_tokens, positions, cfg, segment_ids=valid.astype(jnp.int32), cache=cache, empty_cache=True
+    n_stops = stop_dfa.shape[0]
+    kw = dict(cfg=cfg, max_new_tokens=N, num_samples=G, n_stops=n_stops, pad_id=pad_id, cache_len=cache_len)
+    state = prefill(params, prompt_tokens, prompt_lengths, key, **kw)
+    ctx = DecodeContext(
+        forced_prefix=jnp.repeat(forced_prefix, G, axis=0),
+        forced_lengths=jnp.repeat(forced_lengths, G, axis=0),
+        eos=jnp.array(eos_ids if eos_ids else (-1,), jnp.int32),
+        stop_dfa=stop_dfa,
+        stop_accept=stop_accept,
+        tok_bytes=tok_bytes,
+        tok_len=tok_len,
     )
-    last = logits[:, -1, :]
-
-    rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731  prefill shared by the G samples of a prompt
-    cache = KVCache(k=jnp.repeat(cache.k, G, axis=1), v=jnp.repeat(cache.v, G, axis=1), valid=rep(cache.valid), index=cache.index)
-    BG = B * G
-    forced_prefix, forced_lengths = rep(forced_prefix), rep(forced_lengths)
-    eos = jnp.array(eos_ids if eos_ids else (-1,), jnp.int32)
-    state = _State(
-        step=jnp.zeros((), jnp.int32),
-        logits=rep(last),
-        cache=cache,
-        pos=rep(prompt_lengths).astype(jnp.int32),
-        done=jnp.zeros((BG,), bool),
-        reason=jnp.full((BG,), STOP_LENGTH, jnp.int32),
-        lengths=jnp.zeros((BG,), jnp.int32),
-        tokens=jnp.full((BG, N), pad_id, jnp.int32),
-        lp=jnp.zeros((BG, N), jnp.float32),
-        lp_proc=jnp.zeros((BG, N), jnp.float32),
-        stop_state=jnp.zeros((BG, stop_dfa.shape[0]), jnp.int32),
-        key=key,
-    )
-
-    def cond(s: _State):
-        return (s.step < N) & ~jnp.all(s.done)
-
-    def body(s: _State):
-        key, sub = jax.random.split(s.key)
-        allowed = s.logits
-        if valid_vocab is not None and valid_vocab < s.logits.shape[-1]:
-            allowed = jnp.where(jnp.arange(s.logits.shape[-1]) < valid_vocab, s.logits, -jnp.inf)
-        tok, proc = sampling.sample(allowed, sub)
-        F = forced_prefix.shape[1]
-        forced_tok = forced_prefix[:, jnp.minimum(s.step, F - 1)] if F else tok
-        is_forced = s.step < forced_lengths
-        tok = jnp.where(is_forced, forced_tok, tok)
-        tok_lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
-        if sampling.greedy:  # the sampling distribution is a point mass
-            tok_lpp = jnp.zeros_like(tok_lp)
-        else:
-            tok_lpp = jnp.take_along_axis(jax.nn.log_softmax(proc, axis=-1), tok[:, None], axis=-1)[:, 0]
-        active = ~s.done
-        tok = jnp.where(active, tok, pad_id)
-        tokens = s.tokens.at[:, s.step].set(tok)
-        lps = s.lp.at[:, s.step].set(jnp.where(active, tok_lp, 0.0))
-        lpps = s.lp_proc.at[:, s.step].set(jnp.where(active, tok_lpp, 0.0))
-        lengths = s.lengths + active.astype(jnp.int32)
-        stop_state, hit = _advance_stops(s.stop_state, tok_bytes[tok], jnp.where(active, tok_len[tok], 0), stop_dfa, stop_accept)
-        hit_eos = active & ~is_forced & jnp.any(tok[:, None] == eos[None, :], axis=-1)
-        hit_str = active & ~is_forced & hit & ~hit_eos
-        reason = jnp.where(hit_eos, STOP_EOS, jnp.where(hit_str, STOP_STRING, s.reason))
-        done = s.done | hit_eos | hit_str
-        # one decode step for every row; finished rows feed a pad that nobody attends to
-        logits, cache = forward(
-            params, tok[:, None], s.pos[:, None], cfg, segment_ids=active[:, None].astype(jnp.int32), cache=s.cache
-        )
-        return _State(
-            step=s.step + 1,
-            logits=logits[:, 0],
-            cache=cache,
-            pos=s.pos + active.astype(jnp.int32),
-            done=done,
-            reason=reason,
-            lengths=lengths,
-            tokens=tokens,
-            lp=lps,
-            lp_proc=lpps,
-            stop_state=stop_state,
-            key=key,
-        )
-
-    s = jax.lax.while_loop(cond, body, state)
+    step = functools.partial(decode_step, params, ctx=ctx, cfg=cfg, sampling=sampling, pad_id=pad_id, valid_vocab=valid_vocab)
+    s = jax.lax.while_loop(lambda s: (s.step < N) & ~jnp.all(s.done), step, state)
     return SampleOutput(tokens=s.tokens, lengths=s.lengths, logprobs=s.lp, logprobs_processed=s.lp_proc, stop_reason=s.reason)
 
 
@@ -290,11 +251,38 @@ class Completion:
     stop_reason: str
 
 
-class Sampler:
-    """Tokenize, left-pad to buckets, call :func:`generate`, detokenize and trim at the stop string."""
+def _pad_rows(rows: Sequence[Sequence[int]], width: int, pad: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of token ids -> ([len(rows), width] int32 padded on the left or the right, lengths [len(rows)])."""
+    out = np.full((len(rows), width), pad, np.int32)
+    for i, r in enumerate(rows):
+        if left:
+            out[i, width - len(r) :] = r
+        else:
+            out[i, : len(r)] = r
+    return out, np.array([len(r) for r in rows], np.int32)
 
-    def __init__(self, params, cfg: LlamaConfig, tokenizer, *, eos_ids: Sequence[int] | None = None):
-        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+
+def _trim(out: SampleOutput, max_new_tokens: int) -> SampleOutput:
+    """Host output of a bucketed generation cut back to max_new_tokens (a row cut short stopped for length)."""
+    if out.tokens.shape[1] == max_new_tokens:
+        return out
+    over = out.lengths > max_new_tokens
+    return SampleOutput(
+        tokens=out.tokens[:, :max_new_tokens],
+        lengths=np.minimum(out.lengths, max_new_tokens),
+        logprobs=out.logprobs[:, :max_new_tokens],
+        logprobs_processed=out.logprobs_processed[:, :max_new_tokens],
+        stop_reason=np.where(over, STOP_LENGTH, out.stop_reason),
+    )
+
+
+class Sampler:
+    """Tokenize, left-pad to buckets, call :func:`generate`, detokenize and trim at the stop string.
+
+    Stateless in the weights: ``params`` is the first argument of every call."""
+
+    def __init__(self, cfg: LlamaConfig, tokenizer, *, eos_ids: Sequence[int] | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
         self.eos_ids = tuple(int(i) for i in (eos_ids if eos_ids is not None else [tokenizer.eos_id]))
         self.tok_bytes, self.tok_len = token_byte_table(tokenizer, cfg.vocab_size)
         # Model rows past the tokenizer's vocabulary (padding) can never be decoded: never sample them.
@@ -302,82 +290,50 @@ class Sampler:
 
     def generate_tokens(
         self,
+        params,
         prompts: Sequence[Sequence[int]],
         *,
         max_new_tokens: int,
-        sampling: SamplingParams,
+        sampling: SamplingMethod,
         key=None,
         num_samples: int = 1,
         stop_strings: Sequence[str] = (),
         forced_prefix: Sequence[Sequence[int]] | None = None,
     ) -> SampleOutput:
-        B = len(prompts)
-        if B == 0:
-            raise ValueError("no prompts")
+        if len(prompts) == 0:
+            raise InputError("no prompts")
         if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: every prompt needs at least one token (e.g. the BOS token)")
+            raise InputError("empty prompt: every prompt needs at least one token (e.g. the BOS token)")
         P = bucket(max(len(p) for p in prompts))
         N = bucket(max_new_tokens)
         if P + N > self.cfg.max_seq_len:
-            raise ValueError(f"prompt ({P}) + new tokens ({N}) exceed the model's max_seq_len {self.cfg.max_seq_len}")
+            raise InputError(f"prompt ({P}) + new tokens ({N}) exceed the model's max_seq_len {self.cfg.max_seq_len}")
         pad = self.tokenizer.pad_id
-        toks = np.full((B, P), pad, np.int32)
-        for i, p in enumerate(prompts):
-            toks[i, P - len(p) :] = p
-        lens = np.array([len(p) for p in prompts], np.int32)
+        toks, lens = _pad_rows(prompts, P, pad, left=True)
         fp = forced_prefix or [[] for _ in prompts]
-        F = bucket(max(1, max(len(f) for f in fp)), 1)
-        ftoks = np.full((B, F), pad, np.int32)
-        for i, f in enumerate(fp):
-            ftoks[i, : len(f)] = f
-        flens = np.array([len(f) for f in fp], np.int32)
+        ftoks, flens = _pad_rows(fp, bucket(max(1, max(len(f) for f in fp)), 1), pad, left=False)
         dfa, accept = build_stop_automata(stop_strings)
         key = jax.random.key(0) if key is None else key
-        out = generate(
-            self.params,
-            toks,
-            lens,
-            key,
-            ftoks,
-            flens,
-            dfa,
-            accept,
-            self.tok_bytes,
-            self.tok_len,
-            cfg=self.cfg,
-            sampling=sampling,
-            max_new_tokens=N,
-            num_samples=num_samples,
-            eos_ids=self.eos_ids,
-            pad_id=pad,
-            valid_vocab=self.valid_vocab,
-        )
-        out = fetch(out)  # host copies (in a multi-process run, gathered from every process)
-        if N != max_new_tokens:  # trim the bucket back to what was asked for
-            over = out.lengths > max_new_tokens
-            out = SampleOutput(
-                tokens=out.tokens[:, :max_new_tokens],
-                lengths=np.minimum(out.lengths, max_new_tokens),
-                logprobs=out.logprobs[:, :max_new_tokens],
-                logprobs_processed=out.logprobs_processed[:, :max_new_tokens],
-                stop_reason=np.where(over, STOP_LENGTH, out.stop_reason),
-            )
-        return out
+        arrays = (params, toks, lens, key, ftoks, flens, dfa, accept, self.tok_bytes, self.tok_len)
+        kw = dict(cfg=self.cfg, sampling=sampling, max_new_tokens=N, num_samples=num_samples, eos_ids=self.eos_ids)
+        out = generate(*arrays, **kw, pad_id=pad, valid_vocab=self.valid_vocab)
+        # host copies (in a multi-process run, gathered from every process), the bucket trimmed back
+        return _trim(fetch(out), max_new_tokens)
 
     def complete(
         self,
+        params,
         prompts: Sequence[str],
         *,
         max_new_tokens: int = 128,
-        sampling: SamplingParams = SamplingParams(),
+        sampling: SamplingMethod = Temperature(),
         key=None,
         num_samples: int = 1,
         stop_strings: Sequence[str] = (),
     ) -> list[Completion]:
         ids = [self._encode_prompt(p) for p in prompts]
-        out = self.generate_tokens(
-            ids, max_new_tokens=max_new_tokens, sampling=sampling, key=key, num_samples=num_samples, stop_strings=stop_strings
-        )
+        kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, key=key, num_samples=num_samples, stop_strings=stop_strings)
+        out = self.generate_tokens(params, ids, **kw)
         results = []
         for r in range(len(prompts) * num_samples):
             n = int(out.lengths[r])
@@ -403,9 +359,3 @@ class Sampler:
         if not ids and self.tokenizer.bos_id is not None:
             ids = [self.tokenizer.bos_id]
         return ids
-
-
-def trim_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """Cut after the earliest-ending stop string (the stop string is kept)."""
-    ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
-    return text[: min(ends)] if ends else text

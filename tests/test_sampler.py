@@ -8,7 +8,7 @@ import pytest
 
 from ra3_jax.model import LlamaConfig, forward, init_params
 from ra3_jax.objectives.ntp import token_logprobs
-from ra3_jax.sampler import STOP_EOS, STOP_LENGTH, STOP_STRING, Sampler, SamplingParams, build_stop_automata
+from ra3_jax.sampler import STOP_EOS, STOP_LENGTH, STOP_STRING, Greedy, Sampler, Temperature, build_stop_automata, sampling_method
 
 CFG = LlamaConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=512)
 LOGPROB_ATOL = 1e-4  # sampler (KV cache, incremental) vs trainer (one teacher-forced pass), float32
@@ -23,7 +23,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def sampler(params, spm_tokenizer):
-    return Sampler(params, CFG, spm_tokenizer, eos_ids=[])
+    return Sampler(CFG, spm_tokenizer, eos_ids=[])
 
 
 def naive_greedy(params, cfg, prompt, n, width=64):
@@ -45,11 +45,11 @@ PROMPTS = [[5, 17, 99, 3, 250, 8, 41], [300], [12, 12, 13, 200, 201, 202, 7, 7, 
 
 
 def test_greedy_equals_naive_loop_and_is_padding_invariant(sampler, params):
-    out = sampler.generate_tokens(PROMPTS, max_new_tokens=12, sampling=SamplingParams(temperature=0.0))
+    out = sampler.generate_tokens(params, PROMPTS, max_new_tokens=12, sampling=Greedy())
     for i, p in enumerate(PROMPTS):
         ref = naive_greedy(params, CFG, p, 12)
         assert out.tokens[i].tolist() == ref, f"prompt {i}"
-        alone = sampler.generate_tokens([p], max_new_tokens=12, sampling=SamplingParams(temperature=0.0))
+        alone = sampler.generate_tokens(params, [p], max_new_tokens=12, sampling=Greedy())
         assert alone.tokens[0].tolist() == ref  # same alone as inside a padded batch
     assert (out.lengths == 12).all() and (out.stop_reason == STOP_LENGTH).all()
 
@@ -67,15 +67,15 @@ def test_right_padded_input_is_equivalent(params, spm_tokenizer):
         left[i, P - len(p) :] = p
         right[i, : len(p)] = p
     f = np.zeros((3, 1), np.int32)
-    kw = dict(cfg=CFG, sampling=SamplingParams(temperature=0.0), max_new_tokens=8)
+    kw = dict(cfg=CFG, sampling=Greedy(), max_new_tokens=8)
     a = generate(params, left, lens, jax.random.key(0), f, np.zeros(3, np.int32), dfa, acc, tb, tl, **kw)
     b = generate(params, right, lens, jax.random.key(0), f, np.zeros(3, np.int32), dfa, acc, tb, tl, right_padded=True, **kw)
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
 def test_logprobs_equal_teacher_forced_trainer_logprobs(sampler, params):
-    sp = SamplingParams(temperature=0.7, top_k=50)
-    out = sampler.generate_tokens(PROMPTS, max_new_tokens=10, sampling=sp, key=jax.random.key(1))
+    sp = Temperature(temperature=0.7, top_k=50)
+    out = sampler.generate_tokens(params, PROMPTS, max_new_tokens=10, sampling=sp, key=jax.random.key(1))
     for i, p in enumerate(PROMPTS):
         seq = np.array(p + out.tokens[i].tolist(), np.int32)
         batch = {
@@ -99,9 +99,9 @@ def test_top_k_top_p_only_emit_allowed_tokens():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, 512)) * 3, jnp.float32)
     for sp in (
-        SamplingParams(temperature=1.0, top_k=7),
-        SamplingParams(temperature=0.8, top_p=0.5),
-        SamplingParams(temperature=1.3, top_k=20, top_p=0.9),
+        Temperature(temperature=1.0, top_k=7),
+        Temperature(temperature=0.8, top_p=0.5),
+        Temperature(temperature=1.3, top_k=20, top_p=0.9),
     ):
         x = np.asarray(logits, np.float64) / sp.temperature
         allowed = np.ones_like(x, bool)
@@ -122,26 +122,26 @@ def test_top_k_top_p_only_emit_allowed_tokens():
         for r in range(4):
             assert allowed[r, toks[:, r]].all()
             assert len(set(toks[:, r])) > 1 or allowed[r].sum() == 1  # it samples, not argmax
-    top1 = SamplingParams(temperature=1.0, top_k=1).sample(logits, jax.random.key(0))[0]
+    top1 = Temperature(temperature=1.0, top_k=1).sample(logits, jax.random.key(0))[0]
     np.testing.assert_array_equal(top1, jnp.argmax(logits, -1))  # top-k 1 is greedy
 
 
-def test_sampling_is_deterministic_for_a_key(sampler):
-    sp = SamplingParams(temperature=1.0)
-    a = sampler.generate_tokens(PROMPTS, max_new_tokens=8, sampling=sp, key=jax.random.key(5))
-    b = sampler.generate_tokens(PROMPTS, max_new_tokens=8, sampling=sp, key=jax.random.key(5))
-    c = sampler.generate_tokens(PROMPTS, max_new_tokens=8, sampling=sp, key=jax.random.key(6))
+def test_sampling_is_deterministic_for_a_key(sampler, params):
+    sp = Temperature(temperature=1.0)
+    a = sampler.generate_tokens(params, PROMPTS, max_new_tokens=8, sampling=sp, key=jax.random.key(5))
+    b = sampler.generate_tokens(params, PROMPTS, max_new_tokens=8, sampling=sp, key=jax.random.key(5))
+    c = sampler.generate_tokens(params, PROMPTS, max_new_tokens=8, sampling=sp, key=jax.random.key(6))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
 
 
-def test_stop_strings_stop_where_a_byte_search_says(sampler, spm_tokenizer):
-    sp = SamplingParams(temperature=1.0)
+def test_stop_strings_stop_where_a_byte_search_says(sampler, params, spm_tokenizer):
+    sp = Temperature(temperature=1.0)
     key = jax.random.key(11)
-    free = sampler.generate_tokens(PROMPTS * 4, max_new_tokens=40, sampling=sp, key=key)
+    free = sampler.generate_tokens(params, PROMPTS * 4, max_new_tokens=40, sampling=sp, key=key)
     table = spm_tokenizer.token_byte_strings()
     stops = ["e", "\n", "s ", "(x"]
-    stopped = sampler.generate_tokens(PROMPTS * 4, max_new_tokens=40, sampling=sp, key=key, stop_strings=stops)
+    stopped = sampler.generate_tokens(params, PROMPTS * 4, max_new_tokens=40, sampling=sp, key=key, stop_strings=stops)
     n_hits = 0
     for r in range(len(PROMPTS) * 4):
         toks = free.tokens[r].tolist()
@@ -159,39 +159,67 @@ def test_stop_strings_stop_where_a_byte_search_says(sampler, spm_tokenizer):
 
 
 def test_eos_forced_prefix_and_group_sharing(params, spm_tokenizer):
-    greedy = SamplingParams(temperature=0.0)
-    plain = Sampler(params, CFG, spm_tokenizer, eos_ids=[])
-    ref = plain.generate_tokens(PROMPTS, max_new_tokens=10, sampling=greedy)
+    greedy = Greedy()
+    plain = Sampler(CFG, spm_tokenizer, eos_ids=[])
+    ref = plain.generate_tokens(params, PROMPTS, max_new_tokens=10, sampling=greedy)
     # G samples per prompt share one prefill: greedy rows are identical copies of the single-sample result
-    g = plain.generate_tokens(PROMPTS, max_new_tokens=10, sampling=greedy, num_samples=3)
+    g = plain.generate_tokens(params, PROMPTS, max_new_tokens=10, sampling=greedy, num_samples=3)
     for i in range(len(PROMPTS)):
         for j in range(3):
             np.testing.assert_array_equal(g.tokens[3 * i + j], ref.tokens[i])
     # EOS: make the 4th greedy token of prompt 0 the EOS id -> stops there, the EOS token counted
     eos = int(ref.tokens[0, 3])
-    with_eos = Sampler(params, CFG, spm_tokenizer, eos_ids=[eos]).generate_tokens(PROMPTS[:1], max_new_tokens=10, sampling=greedy)
+    with_eos = Sampler(CFG, spm_tokenizer, eos_ids=[eos]).generate_tokens(params, PROMPTS[:1], max_new_tokens=10, sampling=greedy)
     first = ref.tokens[0].tolist().index(eos)
     assert with_eos.stop_reason[0] == STOP_EOS and with_eos.lengths[0] == first + 1
     # forced prefix: emitted first (with its model logprob), then generation continues from it
     forced = [[7, 8, 9], [], [100]]
-    out = plain.generate_tokens(PROMPTS, max_new_tokens=10, sampling=greedy, forced_prefix=forced)
+    out = plain.generate_tokens(params, PROMPTS, max_new_tokens=10, sampling=greedy, forced_prefix=forced)
     for i, (p, f) in enumerate(zip(PROMPTS, forced)):
         assert out.tokens[i, : len(f)].tolist() == f
         assert out.tokens[i].tolist() == f + naive_greedy(params, CFG, p + f, 10 - len(f))
+
+
+def test_one_sampler_serves_any_params(sampler, params, spm_tokenizer):
+    """Stateless: the same Sampler called with two param trees (same shapes, so the same compiled program) gives
+    each tree its own output, equal to a fresh Sampler's; nothing of the first call's weights sticks."""
+    other = jax.tree.map(lambda x: x * 3.0 if x.ndim >= 2 else x, init_params(CFG, jax.random.key(7)))
+    kw = dict(max_new_tokens=10, sampling=Temperature(temperature=0.8, top_k=40), key=jax.random.key(3))
+    a1 = sampler.generate_tokens(params, PROMPTS, **kw)
+    b1 = sampler.generate_tokens(other, PROMPTS, **kw)
+    a2 = sampler.generate_tokens(params, PROMPTS, **kw)
+    b_fresh = Sampler(CFG, spm_tokenizer, eos_ids=[]).generate_tokens(other, PROMPTS, **kw)
+    a_fresh = Sampler(CFG, spm_tokenizer, eos_ids=[]).generate_tokens(params, PROMPTS, **kw)
+    assert not np.array_equal(a1.tokens, b1.tokens)  # the two trees really differ
+    for x, y in ((a1, a_fresh), (a2, a_fresh), (b1, b_fresh)):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+        np.testing.assert_array_equal(x.logprobs, y.logprobs)
+    c_other = sampler.complete(other, ["def f(x):\n"], max_new_tokens=8, sampling=Greedy())
+    c_fresh = Sampler(CFG, spm_tokenizer, eos_ids=[]).complete(other, ["def f(x):\n"], max_new_tokens=8, sampling=Greedy())
+    assert c_other[0].tokens == c_fresh[0].tokens and c_other[0].text == c_fresh[0].text
+
+
+def test_sampling_method_factory():
+    assert sampling_method(0.0) == Greedy() and sampling_method(0, top_k=5, top_p=0.5) == Greedy()
+    t = sampling_method(0.7, top_k=5, top_p=0.9)
+    assert t == Temperature(0.7, 5, 0.9) and not t.greedy and Greedy().greedy
+    assert len({Greedy(), Greedy(), t, Temperature(0.7, 5, 0.9)}) == 2  # hashable: static jit arguments
+    with pytest.raises(ValueError):
+        Temperature(0.0)
 
 
 def test_sharded_sampling_matches_single_device(params, spm_tokenizer):
     from ra3_jax import sharding
     from ra3_jax.model.params import shard_params
 
-    greedy = SamplingParams(temperature=0.0)
-    ref = Sampler(params, CFG, spm_tokenizer, eos_ids=[]).generate_tokens(
-        PROMPTS + PROMPTS[:1], max_new_tokens=8, sampling=greedy
+    greedy = Greedy()
+    ref = Sampler(CFG, spm_tokenizer, eos_ids=[]).generate_tokens(
+        params, PROMPTS + PROMPTS[:1], max_new_tokens=8, sampling=greedy
     )
     mesh = sharding.make_mesh(2, 2, 2)
     sharded = shard_params(jax.device_get(params), CFG, mesh)
-    out = Sampler(sharded, CFG, spm_tokenizer, eos_ids=[]).generate_tokens(
-        PROMPTS + PROMPTS[:1], max_new_tokens=8, sampling=greedy
+    out = Sampler(CFG, spm_tokenizer, eos_ids=[]).generate_tokens(
+        sharded, PROMPTS + PROMPTS[:1], max_new_tokens=8, sampling=greedy
     )
     np.testing.assert_array_equal(out.tokens, ref.tokens)
 
@@ -203,24 +231,24 @@ def test_smollm2_greedy_equals_naive_loop(smollm2_path):
     cfg, p = load_gguf(smollm2_path)
     tok = HFTokenizer.from_gguf(smollm2_path)
     prompts = ["def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main("]
-    s = Sampler(p, cfg, tok)
-    out = s.generate_tokens([tok.encode(x) for x in prompts], max_new_tokens=8, sampling=SamplingParams(temperature=0.0))
+    s = Sampler(cfg, tok)
+    out = s.generate_tokens(p, [tok.encode(x) for x in prompts], max_new_tokens=8, sampling=Greedy())
     for i, x in enumerate(prompts):
         assert out.tokens[i].tolist() == naive_greedy(p, cfg, tok.encode(x), 8)
-    c = s.complete(["def add(a, b):\n"], max_new_tokens=32, sampling=SamplingParams(temperature=0.0), stop_strings=["\n\n"])
+    c = s.complete(p, ["def add(a, b):\n"], max_new_tokens=32, sampling=Greedy(), stop_strings=["\n\n"])
     text = c[0].text
     assert c[0].stop_reason == "stop_string" and text.endswith("\n\n") and "\n\n" not in text[:-2]
     assert tok.decode(c[0].tokens).startswith(text)
 
 
-def test_bucketing_avoids_recompiles(sampler):
+def test_bucketing_avoids_recompiles(sampler, params):
     from ra3_jax.sampler import generate
 
-    sp = SamplingParams(temperature=0.0)
-    sampler.generate_tokens([[1, 2, 3, 4, 5]], max_new_tokens=10, sampling=sp)
+    sp = Greedy()
+    sampler.generate_tokens(params, [[1, 2, 3, 4, 5]], max_new_tokens=10, sampling=sp)
     before = generate._cache_size()
     for prompt, n in (([1, 2, 3, 4, 5, 6, 7, 8, 9], 12), ([9] * 15, 16), ([4, 2], 9)):
-        out = sampler.generate_tokens([prompt], max_new_tokens=n, sampling=sp)
+        out = sampler.generate_tokens(params, [prompt], max_new_tokens=n, sampling=sp)
         assert out.tokens.shape == (1, n)
     assert generate._cache_size() == before  # prompt bucket 16, new-token bucket 16: one program
 
@@ -263,8 +291,8 @@ def test_sample_cli_streams_jsonl(spm_tokenizer, tfds_dir):
     assert [r["index"] for r in rows] == [0, 0, 1, 1, 2, 2]
     # the CLI's random init (key 0) + greedy equals the in-process sampler on the same weights
     cfg = LlamaConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=512)
-    ref = Sampler(init_params(cfg, jax.random.key(0)), cfg, spm_tokenizer).complete(
-        ["def f(x):\n", "import os\n", "class A:\n"], max_new_tokens=12, sampling=SamplingParams(temperature=0.0)
+    ref = Sampler(cfg, spm_tokenizer).complete(
+        init_params(cfg, jax.random.key(0)), ["def f(x):\n", "import os\n", "class A:\n"], max_new_tokens=12, sampling=Greedy()
     )
     for r in rows:
         assert r["tokens"] == ref[r["index"]].tokens and r["text"] == ref[r["index"]].text
@@ -281,12 +309,12 @@ def test_padded_model_vocab_never_samples_undecodable_ids(spm_tokenizer):
     w = np.array(p["lm_head"])  # [D, V]; padding columns = 20x copies of real ones: they dominate every argmax
     w[:, 512:] = 20.0 * w[:, :256]
     p["lm_head"] = jnp.asarray(w)
-    s = Sampler(p, cfg, spm_tokenizer, eos_ids=[])
+    s = Sampler(cfg, spm_tokenizer, eos_ids=[])
     assert s.valid_vocab == spm_tokenizer.vocab_size == 512
-    for sp in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.5)):
-        out = s.generate_tokens([[5, 6, 7]] * 4, max_new_tokens=16, sampling=sp, key=jax.random.key(1))
+    for sp in (Greedy(), Temperature(temperature=1.5)):
+        out = s.generate_tokens(p, [[5, 6, 7]] * 4, max_new_tokens=16, sampling=sp, key=jax.random.key(1))
         assert int(np.max(out.tokens)) < 512
-    comps = s.complete(["def f():"], max_new_tokens=8, sampling=SamplingParams(temperature=1.0), key=jax.random.key(2))
+    comps = s.complete(p, ["def f():"], max_new_tokens=8, sampling=Temperature(temperature=1.0), key=jax.random.key(2))
     assert isinstance(comps[0].text, str)
     # unmasked, this model would pick padding ids: the test is not vacuous
     raw = generate_unmasked_argmax(p, cfg)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ra3_jax.data.code_benchmarks import BENCHMARKS, read_tasks
+from ra3_jax.errors import InputError
 from ra3_jax.evaluation.passk import mean_pass_at_k
 from ra3_jax.execution import Job, Limits, Sandbox
 
@@ -240,9 +241,9 @@ def summarize(
     )
 
 
-def sampler_generate(sampler, sampling, max_new_tokens: int, stops: Sequence[str], key=None):
-    """``generate(prompts, n)`` for :func:`evaluate_model` backed by the in-graph sampler (G = n samples share
-    one prefill); a fresh key per call."""
+def sampler_generate(sampler, params, sampling, max_new_tokens: int, stops: Sequence[str], key=None):
+    """``generate(prompts, n)`` for :func:`evaluate_model` backed by the in-graph sampler on ``params`` (G = n
+    samples share one prefill); a fresh key per call."""
     import jax
 
     state = {"key": key if key is not None else jax.random.key(0)}
@@ -250,7 +251,7 @@ def sampler_generate(sampler, sampling, max_new_tokens: int, stops: Sequence[str
     def generate(prompts, n):
         state["key"], sub = jax.random.split(state["key"])
         comps = sampler.complete(
-            prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=sub, num_samples=n, stop_strings=list(stops)
+            params, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=sub, num_samples=n, stop_strings=list(stops)
         )
         return [[c.text for c in comps[i * n : (i + 1) * n]] for i in range(len(prompts))]
 
@@ -276,7 +277,7 @@ def evaluate_model(
     Writes ``results.jsonl`` (one row per sample) and ``summary.json`` under ``out_dir`` when given.
     """
     if not tasks:
-        raise ValueError(f"{fmt.benchmark}: no tasks to evaluate")
+        raise InputError(f"{fmt.benchmark}: no tasks to evaluate")
     order = sorted(range(len(tasks)), key=lambda i: len(fmt.prompt(tasks[i])))  # similar lengths batch together
     completions: list[list[str]] = [[] for _ in tasks]
     bar = None
