@@ -8,35 +8,8 @@ import logging
 import os
 import sys
 
-ERRORS: tuple = ()
-
-
-def _known_errors():
-    from ra3_jax.config import ConfigError
-    from ra3_jax.data.code_benchmarks import BenchmarkError
-    from ra3_jax.data.corpus import CorpusError
-    from ra3_jax.distributed import DistributedError
-    from ra3_jax.evaluation.report import ReportError
-    from ra3_jax.execution import SandboxError
-    from ra3_jax.model.convert import CheckpointError
-    from ra3_jax.tokenizer import TokenizerError
-    from ra3_jax.train.checkpoint import CheckpointIOError
-    from ra3_jax.train.loop import TrainingError
-
-    return (
-        DistributedError,
-        BenchmarkError,
-        SandboxError,
-        ReportError,
-        ConfigError,
-        CorpusError,
-        CheckpointError,
-        TokenizerError,
-        TrainingError,
-        CheckpointIOError,
-        FileNotFoundError,
-        ValueError,
-    )
+from ra3_jax.commands import cmd_convert, cmd_export_hf, cmd_report, cmd_show_latents
+from ra3_jax.errors import RA3Error
 
 
 def _overrides(args) -> list[str]:
@@ -59,12 +32,9 @@ def _cfg(args, *, multi_process: bool = False):
 
 
 def cmd_train(args, mode):
-    from ra3_jax.train.loop import train
+    from ra3_jax.train.ntp import train
 
-    cfg = _cfg(args, multi_process=True)
-    result = train(cfg, mode=mode)
-    if is_main():
-        print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+    _run_job(args, lambda cfg: train(cfg, mode=mode))
 
 
 def is_main() -> bool:
@@ -73,76 +43,39 @@ def is_main() -> bool:
     return is_main_process()
 
 
-def run_job(target: str, *, multi_process: bool = False):
-    """A command that runs ``module:function(cfg)`` on the config and prints its result as JSON."""
-
-    def cmd(args):
-        import importlib
-
-        module, fn = target.split(":")
-        cfg = _cfg(args, multi_process=multi_process)
-        result = getattr(importlib.import_module(module), fn)(cfg)
-        if is_main():
-            print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
-
-    return cmd
+def _run_job(args, job) -> None:
+    """Runs ``job(cfg)`` on the command's config (every process of a multi-process run takes part) and prints
+    its result, with the run directory, as JSON."""
+    cfg = _cfg(args, multi_process=True)
+    result = job(cfg)
+    if is_main():
+        print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
 
 
-def cmd_show_latents(args):
-    from ra3_jax.data.bootstrap import read_records
+def cmd_midtrain_ra3(args):
+    from ra3_jax.algorithms.ra3 import midtrain_ra3
 
-    run = os.path.abspath(args.run)
-    iters = sorted(
-        int(d.split("_", 1)[1])
-        for d in os.listdir(run)
-        if d.startswith("iter_") and os.path.isdir(os.path.join(run, d, "bootstrap"))
-    )
-    if not iters:
-        raise FileNotFoundError(f"{run} holds no bootstrap corpus (iter_<k>/bootstrap); run `ra3 midtrain-ra3` first")
-    k = iters[-1] if args.iteration is None else args.iteration
-    recs = read_records(os.path.join(run, f"iter_{k}", "bootstrap"))
-    if args.only_with_latents:
-        recs = [r for r in recs if r.n_latents]
-    for r in recs[: args.limit]:
-        print(f"===== {r.doc_id}  (iteration {r.iteration}, {r.n_latents} latents, from model step {r.source_step})")
-        for line in r.text.splitlines():
-            mark = ">>" if args.marker and line.lstrip().startswith(args.marker) else "  "
-            print(f"{mark} {line}")
+    _run_job(args, midtrain_ra3)
+
+
+def cmd_rlvr(args):
+    from ra3_jax.algorithms.rlvr import rlvr
+
+    _run_job(args, rlvr)
+
+
+def cmd_rlpt(args):
+    from ra3_jax.algorithms.rlpt import rlpt
+
+    _run_job(args, rlpt)
 
 
 def cmd_eval_loss(args):
-    from ra3_jax.train.loop import evaluate_only
+    from ra3_jax.train.ntp import evaluate_only
 
     result = evaluate_only(_cfg(args, multi_process=True))
     if is_main():
         print(json.dumps(result, indent=1))
-
-
-def cmd_convert(args):
-    import numpy as np
-
-    from ra3_jax.model.convert import load_gguf, load_hf, resolve_model_path
-    from ra3_jax.model.store import save_model_config, save_params
-    from ra3_jax.tokenizer import HFTokenizer, load_from_dir
-
-    path = resolve_model_path(args.path)
-    if args.source == "gguf":
-        cfg, params = load_gguf(path, rope_layout=args.rope_layout, dtype=np.dtype(args.dtype), param_dtype=args.dtype)
-        tok = HFTokenizer.from_gguf(path)
-    else:
-        cfg, params = load_hf(path, dtype=np.dtype(args.dtype), param_dtype=args.dtype)
-        tok = load_from_dir(path)
-    os.makedirs(args.out, exist_ok=True)
-    save_params(args.out, params)
-    save_model_config(args.out, cfg)
-    tok.save(args.out)
-    print(json.dumps({"out": os.path.abspath(args.out), "params": cfg.num_params(), "config": cfg.__dict__}, indent=1))
-
-
-def cmd_export_hf(args):
-    from ra3_jax.model.export import export_hf
-
-    print(json.dumps(export_hf(args.model, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30)), indent=1))
 
 
 def cmd_compile_check(args):
@@ -155,7 +88,7 @@ def cmd_compile_check(args):
         if m.name:
             n = load_mesh_file(m.name)["devices"]
         elif -1 in (m.data, m.fsdp, m.tensor):
-            raise ValueError("--simulate-on-cpu needs a named mesh (--mesh) or explicit mesh.data/fsdp/tensor sizes (no -1)")
+            raise RA3Error("--simulate-on-cpu needs a named mesh (--mesh) or explicit mesh.data/fsdp/tensor sizes (no -1)")
         else:
             n = m.data * m.fsdp * m.tensor
         simulate_devices(n)
@@ -180,7 +113,10 @@ def cmd_tokenizer_train(args):
 
 def _read_prompts(src: str) -> list[str]:
     """JSONL lines with a "prompt" field, or plain lines (with \\n escapes for newlines); '-' = stdin."""
-    fh = sys.stdin if src == "-" else open(src, encoding="utf-8")
+    try:
+        fh = sys.stdin if src == "-" else open(src, encoding="utf-8")
+    except OSError as e:
+        raise RA3Error(f"cannot read prompts from {src}: {e.strerror}") from None
     prompts = []
     with fh:
         for line in fh:
@@ -193,21 +129,21 @@ def _read_prompts(src: str) -> list[str]:
             except (json.JSONDecodeError, KeyError):
                 prompts.append(line.encode("utf-8").decode("unicode_escape") if "\\" in line else line)
     if not prompts:
-        raise ValueError(f"no prompts in {src}")
+        raise RA3Error(f"no prompts in {src}")
     return prompts
 
 
 def _load_sampler(cfg):
-    """The config's model and tokenizer behind a Sampler (vocabulary checked)."""
+    """(Sampler over the config's model and tokenizer (vocabulary checked), the model's params)."""
     from ra3_jax.model.store import load_model
     from ra3_jax.sampler import Sampler
-    from ra3_jax.train.loop import check_vocab, make_run_mesh, resolve_tokenizer
+    from ra3_jax.train.context import check_vocab, make_run_mesh, resolve_tokenizer
 
     mesh = make_run_mesh(cfg)
     tokenizer = resolve_tokenizer(cfg)
     model_cfg, params = load_model(cfg.model, mesh)
     check_vocab(tokenizer, model_cfg)
-    return Sampler(params, model_cfg, tokenizer)
+    return Sampler(model_cfg, tokenizer), params
 
 
 def cmd_sample(args):
@@ -215,16 +151,17 @@ def cmd_sample(args):
 
     import jax
 
-    from ra3_jax.sampler import SamplingParams
+    from ra3_jax.sampler import sampling_method
 
     cfg = _cfg(args)
     prompts = _read_prompts(args.prompts)
-    sampler = _load_sampler(cfg)
-    sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampler, params = _load_sampler(cfg)
+    sp = sampling_method(args.temperature, top_k=args.top_k, top_p=args.top_p)
     key = jax.random.key(args.seed)
     for lo in range(0, len(prompts), args.batch_size):
         key, sub = jax.random.split(key)
         outs = sampler.complete(
+            params,
             prompts[lo : lo + args.batch_size],
             max_new_tokens=args.max_new_tokens,
             sampling=sp,
@@ -261,10 +198,11 @@ def cmd_eval(args):
         import jax
 
         from ra3_jax.evaluation.code_eval import sampler_generate
-        from ra3_jax.sampler import SamplingParams
+        from ra3_jax.sampler import sampling_method
 
-        sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        generate = sampler_generate(_load_sampler(cfg), sp, args.max_new_tokens, fmt.stops, jax.random.key(args.seed))
+        sp = sampling_method(args.temperature, top_k=args.top_k, top_p=args.top_p)
+        sampler, params = _load_sampler(cfg)
+        generate = sampler_generate(sampler, params, sp, args.max_new_tokens, fmt.stops, jax.random.key(args.seed))
 
     out = args.out or os.path.join(cfg.train.out_dir, "eval", args.benchmark.replace("+", "_plus"))
     rep = evaluate_model(
@@ -296,12 +234,6 @@ def cmd_eval(args):
     )
 
 
-def cmd_report(args):
-    from ra3_jax.evaluation.report import write_report
-
-    print(write_report(args.runs, args.out, labels=args.label))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ra3", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -319,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         fn=lambda a: cmd_train(a, "midtrain-ntp")
     )
     with_config(sub.add_parser("midtrain-ra3", help="RA3 EM mid-training (E-step latent discovery + M-step NTP)")).set_defaults(
-        fn=run_job("ra3_jax.algorithms.ra3:midtrain_ra3", multi_process=True)
+        fn=cmd_midtrain_ra3
     )
     sl = sub.add_parser("show-latents", help="print bootstrapped documents with their inserted rationales")
     sl.add_argument("run", help="a midtrain-ra3 run directory (train.out_dir)")
@@ -368,11 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="", help="results folder (default: <train.out_dir>/eval/<benchmark>)")
     ev.set_defaults(fn=cmd_eval)
-    with_config(sub.add_parser("rlvr", help="GRPO with unit-test rewards from the sandbox")).set_defaults(
-        fn=run_job("ra3_jax.algorithms.rlvr:rlvr", multi_process=True)
-    )
+    with_config(sub.add_parser("rlvr", help="GRPO with unit-test rewards from the sandbox")).set_defaults(fn=cmd_rlvr)
     with_config(sub.add_parser("rlpt", help="RL on pre-training data: next-segment prediction (ASR/MSR) with GRPO")).set_defaults(
-        fn=run_job("ra3_jax.algorithms.rlpt:rlpt", multi_process=True)
+        fn=cmd_rlpt
     )
     rp = sub.add_parser("report", help="PNG curves + Markdown table from run directories (metrics.jsonl)")
     rp.add_argument("runs", nargs="+", help="run directories (train.out_dir of rlvr / training runs)")
@@ -423,7 +353,7 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     try:
         args.fn(args)
-    except _known_errors() as e:
+    except RA3Error as e:
         print(f"ra3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

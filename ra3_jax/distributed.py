@@ -17,6 +17,8 @@ import time
 import jax
 import numpy as np
 
+from ra3_jax.errors import RA3Error
+
 log = logging.getLogger(__name__)
 
 ENV_MODE = "RA3_DISTRIBUTED"  # auto | on | off (overrides distributed.mode)
@@ -25,7 +27,7 @@ ENV_NUM_PROCESSES = "RA3_NUM_PROCESSES"
 ENV_PROCESS_ID = "RA3_PROCESS_ID"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(RA3Error, RuntimeError):
     pass
 
 

@@ -9,8 +9,10 @@ import shutil
 from collections.abc import Iterable
 from typing import Protocol
 
+from ra3_jax.errors import RA3Error
 
-class TokenizerError(ValueError):
+
+class TokenizerError(RA3Error, ValueError):
     pass
 
 
@@ -233,6 +235,18 @@ class SentencePieceTokenizer:
         return directory
 
 
+def _training_lines(texts: Iterable[str]):
+    """The texts' non-blank lines (sentencepiece's unit); an empty corpus is an error."""
+    n = 0
+    for t in texts:
+        for line in t.split("\n"):
+            if line.strip():
+                n += 1
+                yield line
+    if n == 0:
+        raise TokenizerError("cannot train a tokenizer on an empty corpus")
+
+
 def train_sentencepiece(
     texts: Iterable[str],
     vocab_size: int,
@@ -251,20 +265,10 @@ def train_sentencepiece(
     """
     import sentencepiece as spm
 
-    def lines():
-        n = 0
-        for t in texts:
-            for line in t.split("\n"):
-                if line.strip():
-                    n += 1
-                    yield line
-        if n == 0:
-            raise TokenizerError("cannot train a tokenizer on an empty corpus")
-
     buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines(),
+            sentence_iterator=_training_lines(texts),
             model_writer=buf,
             vocab_size=vocab_size,
             model_type=model_type,

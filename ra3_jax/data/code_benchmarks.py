@@ -19,6 +19,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from ra3_jax.errors import RA3Error
+
 BENCHMARKS = ("humaneval", "humaneval+", "mbpp", "mbpp_sanitized", "mbpp+")
 MANUAL_FILES = {
     "humaneval": "humaneval/HumanEval.jsonl.gz",
@@ -48,7 +50,7 @@ _MBPP_PLUS_ASSERTED = _MBPP_PLUS_UNASSERTED + '    assert exact_match, f"out: {o
 _FEATURES = ("task_id", "prompt", "description", "example_test", "entry_point", "prefix", "canonical_solution", "test")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(RA3Error, ValueError):
     pass
 
 
@@ -103,6 +105,68 @@ def manual_path(name: str, manual_dir: str | os.PathLike | None) -> Path:
     )
 
 
+def _humaneval_example(name: str, r: dict) -> tuple[str, dict]:
+    test = r["test"]
+    if name == "humaneval+" and r["task_id"] == "HumanEval/32":
+        if _FIND_ZERO_BROKEN not in test:
+            raise BenchmarkError("HumanEval+/32: the release's check changed; update the find_zero oracle")
+        test = test.replace(_FIND_ZERO_BROKEN, _FIND_ZERO_ORACLE)
+    return "test", dict(
+        task_id=r["task_id"],
+        prompt=r["prompt"],
+        entry_point=r["entry_point"],
+        prefix=r["prompt"],
+        canonical_solution=r["canonical_solution"],
+        test=f"{test}\n\ncheck({r['entry_point']})\n",
+    )
+
+
+def _mbpp_example(r: dict) -> tuple[str, dict]:
+    tid = int(r["task_id"])
+    return _mbpp_split(tid), dict(
+        task_id=f"Mbpp/{tid}",
+        description=r["text"],
+        example_test=r["test_list"][0],
+        canonical_solution=r["code"].replace("\r\n", "\n"),
+        test="\n".join([r.get("test_setup_code") or "", *r["test_list"]]) + "\n",
+    )
+
+
+def _mbpp_sanitized_example(r: dict) -> tuple[str, dict]:
+    tid = int(r["task_id"])
+    imports = "\n".join(r["test_imports"])
+    return _mbpp_split(tid), dict(
+        task_id=f"Mbpp/{tid}",
+        description=r["prompt"],
+        example_test=r["test_list"][0],
+        prefix=imports + "\n" if imports else "",
+        canonical_solution=r["code"],
+        test="\n".join([imports, *r["test_list"]]) + "\n",
+    )
+
+
+def _mbpp_plus_example(r: dict, plus_prompts: dict) -> tuple[str, dict]:
+    """MBPP+'s check program; the prompt's example test comes from MbppPlus.jsonl.gz (``plus_prompts``)."""
+    tid = f"Mbpp/{r['task_id']}"
+    test = r["test"]
+    if _MBPP_PLUS_UNASSERTED in test and "assert exact_match" not in test:
+        test = test.replace(_MBPP_PLUS_UNASSERTED, _MBPP_PLUS_ASSERTED)
+    imports = "\n".join(r["test_imports"])
+    desc, example = r["prompt"].strip(), ""
+    if tid in plus_prompts:
+        lines = plus_prompts[tid].strip().strip('"').strip().splitlines()
+        example = next((x for x in lines if x.startswith("assert")), "")
+    return "test", dict(
+        task_id=tid,
+        description=desc,
+        example_test=example,
+        entry_point="",
+        prefix=imports + "\n" if imports else "",
+        canonical_solution=r["code"],
+        test=test,
+    )
+
+
 def read_tasks(name: str, manual_dir: str | os.PathLike | None) -> dict[str, list[dict]]:
     """{split: [example]} straight from the release files (the builder's generator)."""
     path = manual_path(name, manual_dir)
@@ -111,69 +175,16 @@ def read_tasks(name: str, manual_dir: str | os.PathLike | None) -> dict[str, lis
     if name == "mbpp+":
         plus_prompts = {r["task_id"]: r["prompt"] for r in _read_rows(path.with_name("MbppPlus.jsonl.gz"))}
     out: dict[str, list[dict]] = {}
-
-    def add(split, **ex):
-        ex = {k: str(ex.get(k, "")) for k in _FEATURES}
-        out.setdefault(split, []).append(ex)
-
     for r in rows:
         if name in ("humaneval", "humaneval+"):
-            test = r["test"]
-            if name == "humaneval+" and r["task_id"] == "HumanEval/32":
-                if _FIND_ZERO_BROKEN not in test:
-                    raise BenchmarkError("HumanEval+/32: the release's check changed; update the find_zero oracle")
-                test = test.replace(_FIND_ZERO_BROKEN, _FIND_ZERO_ORACLE)
-            add(
-                "test",
-                task_id=r["task_id"],
-                prompt=r["prompt"],
-                entry_point=r["entry_point"],
-                prefix=r["prompt"],
-                canonical_solution=r["canonical_solution"],
-                test=f"{test}\n\ncheck({r['entry_point']})\n",
-            )
+            split, ex = _humaneval_example(name, r)
         elif name == "mbpp":
-            tid = int(r["task_id"])
-            add(
-                _mbpp_split(tid),
-                task_id=f"Mbpp/{tid}",
-                description=r["text"],
-                example_test=r["test_list"][0],
-                canonical_solution=r["code"].replace("\r\n", "\n"),
-                test="\n".join([r.get("test_setup_code") or "", *r["test_list"]]) + "\n",
-            )
+            split, ex = _mbpp_example(r)
         elif name == "mbpp_sanitized":
-            tid = int(r["task_id"])
-            imports = "\n".join(r["test_imports"])
-            add(
-                _mbpp_split(tid),
-                task_id=f"Mbpp/{tid}",
-                description=r["prompt"],
-                example_test=r["test_list"][0],
-                prefix=imports + "\n" if imports else "",
-                canonical_solution=r["code"],
-                test="\n".join([imports, *r["test_list"]]) + "\n",
-            )
-        else:  # mbpp+ (the check programs; the prompts with their example test come from MbppPlus.jsonl.gz)
-            tid = f"Mbpp/{r['task_id']}"
-            test = r["test"]
-            if _MBPP_PLUS_UNASSERTED in test and "assert exact_match" not in test:
-                test = test.replace(_MBPP_PLUS_UNASSERTED, _MBPP_PLUS_ASSERTED)
-            imports = "\n".join(r["test_imports"])
-            desc, example = r["prompt"].strip(), ""
-            if tid in plus_prompts:
-                lines = plus_prompts[tid].strip().strip('"').strip().splitlines()
-                example = next((x for x in lines if x.startswith("assert")), "")
-            add(
-                "test",
-                task_id=tid,
-                description=desc,
-                example_test=example,
-                entry_point="",
-                prefix=imports + "\n" if imports else "",
-                canonical_solution=r["code"],
-                test=test,
-            )
+            split, ex = _mbpp_sanitized_example(r)
+        else:  # mbpp+
+            split, ex = _mbpp_plus_example(r, plus_prompts)
+        out.setdefault(split, []).append({k: str(ex.get(k, "")) for k in _FEATURES})
     if not out:
         raise BenchmarkError(f"{name}: the release file holds no tasks")
     return out

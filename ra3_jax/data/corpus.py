@@ -20,11 +20,13 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from ra3_jax.errors import RA3Error
+
 TEST_DIRS = {"test", "tests", "idle_test", "testing", "unittest_tests"}
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".venv", "node_modules"}
 
 
-class CorpusError(ValueError):
+class CorpusError(RA3Error, ValueError):
     pass
 
 

@@ -14,8 +14,10 @@ import os
 
 import numpy as np
 
+from ra3_jax.errors import RA3Error
 
-class ReportError(ValueError):
+
+class ReportError(RA3Error, ValueError):
     pass
 
 

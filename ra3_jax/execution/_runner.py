@@ -1,6 +1,6 @@
 """In-sandbox runner: the first code a sandboxed job executes (stdlib only, no ra3_jax imports).
 
-Started by ``ra3_jax.execution.sandbox`` either as a fork server (``python -I -B _runner.py --serve FD
+Started by ``ra3_jax.execution`` (``process.py``) either as a fork server (``python -I -B _runner.py --serve FD
 [modules to preload]``, which forks one process per job received on the socket FD) or once per job
 (``python -I -B _runner.py JOB_JSON``, which reads and deletes the job file). For each job (program, test,
 limits, verdict token, work directory), when isolation is on:

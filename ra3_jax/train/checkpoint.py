@@ -7,13 +7,14 @@ directory and renames it when complete, so a process killed mid-save leaves no h
 
 from __future__ import annotations
 
-import json
 import os
 
 import orbax.checkpoint as ocp
 
+from ra3_jax.errors import RA3Error
 
-class CheckpointIOError(RuntimeError):
+
+class CheckpointIOError(RA3Error, RuntimeError):
     pass
 
 
@@ -42,9 +43,6 @@ class RunCheckpointer:
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self._mngr.all_steps())
 
     def save(self, step: int, state, data_state: dict, meta: dict) -> None:
         self._mngr.save(
@@ -92,11 +90,3 @@ class RunCheckpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
-
-
-def save_json(path: str, obj) -> None:
-    """Atomic JSON write (tmp file + rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
