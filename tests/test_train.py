@@ -64,7 +64,7 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tiny_overrides):
     _ra3(["pretrain", "--config", TINY, *tiny_overrides, f"train.out_dir={straight}"])
     killed = str(tmp_path / "killed")
     env = _env()
-    env["RA3_FAULT_KILL_AFTER_STEP"] = "9"  # SIGKILL right after step 9 (step 8's async save may be in flight)
+    env["RA3_FAULT_KILL_AFTER_STEP"] = "pretrain:9"  # SIGKILL right after step 9 (step 8's async save may be in flight)
     p = _ra3(["pretrain", "--config", TINY, *tiny_overrides, f"train.out_dir={killed}"], env=env, check=False)
     assert p.returncode == -9, p.stderr[-2000:]
     ckpts = sorted(int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit())

@@ -23,6 +23,7 @@ import numpy as np
 from flax import serialization
 
 from ra3_jax.data.pipeline import packed_batches
+from ra3_jax.errors import InputError
 
 SHARD = "data.array_record"
 COMPLETE = "_COMPLETE"
@@ -66,7 +67,7 @@ def write_bootstrap(directory: str, records: list[BootstrapRecord], meta: dict |
     from array_record.python.array_record_module import ArrayRecordWriter
 
     if not records:
-        raise ValueError("bootstrap corpus is empty: no documents to write")
+        raise InputError("bootstrap corpus is empty: no documents to write")
     directory = os.path.abspath(directory)
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -130,34 +131,10 @@ def _finalize(batch):
     }
 
 
-def make_bootstrap_dataset(
-    directory: str,
-    *,
-    seq_len: int,
-    batch_size: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    mask_latents: bool = False,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    rows: tuple[int, int] | None = None,
-) -> grain.IterDataset:
-    """Grain pipeline over a bootstrap corpus: decode -> concat-then-split pack -> batch (same keys as NTP)."""
+def make_bootstrap_dataset(directory: str, *, mask_latents: bool = False, **stream) -> grain.IterDataset:
+    """Grain pipeline over a bootstrap corpus: decode -> concat-then-split pack -> batch (same keys as NTP);
+    ``stream``: ``pipeline.packed_batches``' options (seq_len, batch_size, seed, shuffle, num_epochs, shards, rows)."""
     src = open_bootstrap(directory)
     if len(src) == 0:
-        raise ValueError(f"empty bootstrap corpus in {directory}")
-    return packed_batches(
-        src,
-        DecodeForTraining(mask_latents),
-        ("inputs", "targets", "weights"),
-        _finalize,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        rows=rows,
-    )
+        raise InputError(f"empty bootstrap corpus in {directory}")
+    return packed_batches(src, DecodeForTraining(mask_latents), ("inputs", "targets", "weights"), _finalize, **stream)

@@ -12,6 +12,8 @@ import dataclasses
 import grain
 import numpy as np
 
+from ra3_jax.errors import InputError
+
 
 @dataclasses.dataclass
 class Tokenize(grain.transforms.Map):
@@ -40,38 +42,11 @@ def _finalize(batch):
     }
 
 
-def make_dataset(
-    source,
-    tokenizer,
-    *,
-    seq_len: int,
-    batch_size: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    num_threads: int = 4,
-    rows: tuple[int, int] | None = None,
-) -> grain.IterDataset:
-    """``batch_size`` rows per batch read from record shard ``shard_index`` of ``shard_count``; ``rows=(lo, hi)``
-    keeps only those rows of each batch. ``num_epochs=None`` repeats forever."""
-    return packed_batches(
-        source,
-        Tokenize(tokenizer),
-        ("inputs", "targets"),
-        _finalize,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        num_threads=num_threads,
-        keep=_has_tokens,
-        rows=rows,
-    )
+def make_dataset(source, tokenizer, **stream) -> grain.IterDataset:
+    """Token batches of a text corpus; ``stream``: ``packed_batches``' options (seq_len, batch_size, seed,
+    shuffle, num_epochs, shard_index / shard_count of the records, num_threads, rows=(lo, hi) of each batch;
+    ``num_epochs=None`` repeats forever)."""
+    return packed_batches(source, Tokenize(tokenizer), ("inputs", "targets"), _finalize, keep=_has_tokens, **stream)
 
 
 def packed_batches(
@@ -97,7 +72,7 @@ def packed_batches(
     ``rows=(lo, hi)``: every process reads the same global batches and keeps rows [lo, hi) (a last partial
     batch is first padded to ``batch_size`` with empty rows, so every process gets hi - lo rows)."""
     if len(source) == 0:
-        raise ValueError("empty data source")
+        raise InputError("empty data source")
     ds = grain.MapDataset.source(source)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from ra3_jax import sharding
 from ra3_jax.config import RunConfig
+from ra3_jax.errors import InputError
 from ra3_jax.model.store import read_model_shape
 from ra3_jax.train.state import abstract_state, make_optimizer
 from ra3_jax.train.step import BATCH_KEYS, batch_shardings, jit_train_step
@@ -54,7 +55,7 @@ def compile_check(cfg: RunConfig, mesh) -> dict:
     model_cfg = read_model_shape(cfg.model)
     dp = sharding.data_parallel_size(mesh)
     if (cfg.data.batch_size // cfg.optim.grad_accum) % dp:
-        raise ValueError(
+        raise InputError(
             f"micro-batch {cfg.data.batch_size // cfg.optim.grad_accum} (data.batch_size / optim.grad_accum) "
             f"is not divisible by the data-parallel size {dp} of mesh {dict(mesh.shape)}"
         )

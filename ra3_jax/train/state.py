@@ -20,23 +20,27 @@ class TrainState:
 
 
 def learning_rate_schedule(optim, total_steps: int):
+    """Linear warmup over ``optim.warmup_steps`` (0 = none), then constant or cosine decay to lr * min_lr_ratio."""
     decay = optim.decay_steps or total_steps
+    warm = optim.warmup_steps
     if optim.schedule == "constant":
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1)), optax.constant_schedule(optim.lr)],
-            [max(optim.warmup_steps, 1)],
-        )
+        if warm == 0:
+            return optax.constant_schedule(optim.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warm), optax.constant_schedule(optim.lr)], [warm])
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        init_value=0.0 if warm else optim.lr,
         peak_value=optim.lr,
-        warmup_steps=max(optim.warmup_steps, 1),
-        decay_steps=max(decay, optim.warmup_steps + 1),
+        warmup_steps=warm,
+        decay_steps=max(decay, warm + 1),
         end_value=optim.lr * optim.min_lr_ratio,
     )
 
 
 def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731 no decay on norms/biases
+    """The project's one optimizer recipe: AdamW (no decay on norms/biases) under ``learning_rate_schedule``,
+    after global-norm clipping when ``optim.clip_norm`` > 0. Every trainer (NTP, M-step, E-step policy, GRPO,
+    cold-start SFT) builds its optimizer here from an OptimSection."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.adamw(
         learning_rate_schedule(optim, total_steps),
         b1=optim.b1,

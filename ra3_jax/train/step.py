@@ -1,8 +1,21 @@
-"""Jitted pure step functions with explicit shardings and donation."""
+"""The one update core: an objective (a loss function) plugged into one jitted optimizer step.
+
+Every training signal of the project is an :class:`Objective` handed to :func:`make_update_step`: next-token
+prediction (pre-/mid-training, the RA3 M-step, RLPT's cold-start SFT), the GRPO surrogate (RLVR, RLPT) and the
+RA3 E-step's policy gradient. The core owns what they used to repeat: gradient accumulation over micro-batches
+(float32 sums in a ``lax.scan``), the optimizer update and the metrics every loop logs (``loss``, ``grad_norm``).
+
+Conventions: an objective's ``loss(params, rows, norm, *extra)`` returns ``(loss, aux)`` where ``loss`` is this
+micro-batch's share of the whole batch's loss (normalized by ``norm``, computed once from the whole batch by
+``prepare``), so the shares add up to the full-batch loss whatever the number of micro-batches; ``aux`` holds
+sums that add up the same way and ``finish(aux, norm, prep)`` turns them into metrics.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,36 +29,84 @@ from ra3_jax.train.state import TrainState
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def train_step(state: TrainState, batch: dict, *, model_cfg, tx: optax.GradientTransformation, grad_accum: int):
-    """One optimizer step; the loss is the mean NLL over all masked tokens of the global batch.
+def _whole_batch(batch, *extra):
+    return batch, None, {}
 
-    With grad_accum = A the batch [B, T] is cut into A micro-batches scanned in order; gradients of the
-    summed NLL are accumulated in float32 and divided by the total token count once (so A does not change
-    the result beyond float rounding).
+
+def _aux_as_metrics(aux, norm, prep):
+    return aux
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A loss plugged into the update core (see the module docstring for the conventions).
+
+    loss:    (params, rows, norm, *extra) -> (loss share, aux sums)
+    prepare: (batch, *extra) -> (rows split into micro-batches, norm, prep outputs); default: rows = batch
+    finish:  (aux sums, norm, prep outputs) -> metrics; default: the aux sums
     """
 
-    def loss_and_grad(params, b):
-        (nll, n), g = jax.value_and_grad(lambda p: nll_sum(p, b, model_cfg), has_aux=True)(params)
-        return nll, n, g
+    loss: Callable
+    prepare: Callable = _whole_batch
+    finish: Callable = _aux_as_metrics
 
-    if grad_accum == 1:
-        nll, ntok, grads = loss_and_grad(state.params, batch)
-    else:
-        micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
-        def body(carry, b):
-            nll_acc, n_acc, g_acc = carry
-            nll, n, g = loss_and_grad(state.params, b)
-            return (nll_acc + nll, n_acc + n, jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)), None
+def accumulate_gradients(loss_fn: Callable, params, rows: dict, micro_batches: int):
+    """Sum ``loss_fn(params, micro_batch) -> (loss, aux)`` and its gradient over ``micro_batches`` equal slices of
+    ``rows`` (leading axis), in order; gradients accumulate in float32. Returns (loss, aux, grads)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        (loss, aux), grads = grad_fn(params, rows)
+        return loss, aux, grads
+    chunks = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), rows)
+    aux_shape = jax.eval_shape(lambda b: grad_fn(params, b)[0][1], jax.tree.map(lambda x: x[0], chunks))
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (nll, ntok, grads), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(()), zeros), micro_batches)
-    denom = jnp.maximum(ntok, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    def body(carry, b):
+        loss_acc, aux_acc, g_acc = carry
+        (loss, aux), g = grad_fn(params, b)
+        add = lambda a, x: a + x.astype(jnp.float32)
+        return (loss_acc + loss, jax.tree.map(add, aux_acc, aux), jax.tree.map(add, g_acc, g)), None
+
+    zeros = lambda t: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), t)
+    (loss, aux, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros(aux_shape), zeros(params)), chunks)
+    return loss, aux, grads
+
+
+def update_step(state: TrainState, batch, *extra, objective: Objective, tx: optax.GradientTransformation, micro_batches: int):
+    """One optimizer step of ``objective`` on ``batch`` (``extra``: frozen inputs such as a reference model)."""
+    rows, norm, prep = objective.prepare(batch, *extra)
+    loss, aux, grads = accumulate_gradients(lambda p, b: objective.loss(p, b, norm, *extra), state.params, rows, micro_batches)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "tokens": ntok}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **objective.finish(aux, norm, prep)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def jit_update_step(objective: Objective, tx, micro_batches: int, state_sharding, batch_sharding, extra_shardings=(), *, mesh):
+    """``update_step`` jitted with explicit shardings; the state is donated."""
+    fn = functools.partial(update_step, objective=objective, tx=tx, micro_batches=micro_batches)
+    return jax.jit(
+        fn,
+        in_shardings=(state_sharding, batch_sharding, *extra_shardings),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+# ----------------------------------------------------------------------------------- next-token prediction
+def _ntp_norm(batch):
+    return batch, jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0), {}
+
+
+def ntp_objective(model_cfg) -> Objective:
+    """Mean negative log-likelihood over the masked tokens of the whole batch (``loss_mask``); metric ``tokens``."""
+
+    def loss(params, rows, denom):
+        nll, tokens = nll_sum(params, rows, model_cfg)
+        return nll / denom, {"tokens": tokens}
+
+    return Objective(loss=loss, prepare=_ntp_norm)
 
 
 def eval_step(params, batch, *, model_cfg):
@@ -53,18 +114,13 @@ def eval_step(params, batch, *, model_cfg):
     return {"nll_sum": nll, "tokens": n}
 
 
-def batch_shardings(mesh: Mesh):
-    return {k: sharding.batch_sharding(mesh, 2) for k in BATCH_KEYS}
+def batch_shardings(mesh: Mesh, keys=BATCH_KEYS):
+    return {k: sharding.batch_sharding(mesh, 2) for k in keys}
 
 
 def jit_train_step(model_cfg, tx, grad_accum: int, mesh: Mesh, state_sharding):
-    fn = functools.partial(train_step, model_cfg=model_cfg, tx=tx, grad_accum=grad_accum)
-    return jax.jit(
-        fn,
-        in_shardings=(state_sharding, batch_shardings(mesh)),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    """The next-token training step: ``ntp_objective`` in the update core, ``grad_accum`` micro-batches."""
+    return jit_update_step(ntp_objective(model_cfg), tx, grad_accum, state_sharding, batch_shardings(mesh), mesh=mesh)
 
 
 def jit_eval_step(model_cfg, mesh: Mesh, params_sharding):
