@@ -23,7 +23,7 @@ from ra3_jax.algorithms.ra3 import LatentProposer, candidate_rounds, take_docume
 from ra3_jax.config import load_config
 from ra3_jax.data.corpus import build_corpus
 from ra3_jax.model.store import load_model
-from ra3_jax.train.loop import check_vocab, make_run_mesh, resolve_tokenizer
+from ra3_jax.train.context import check_vocab, make_run_mesh, resolve_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,13 +66,13 @@ def main():
             gen += s["generated_tokens"]
             scored += s["scored_tokens"]
     # the raw sampler on the same prompts and shapes
-    prop.sampler.params = policy.params
     t_s, gen_s = 0.0, 0
     for i, cands in enumerate(cands_all):
         pad = cands + [cands[0]] * (prop.n_pairs - len(cands))
         F = max(len(c.forced) for c in pad)
         t0 = time.perf_counter()
         out = prop.sampler.generate_tokens(
+            policy.params,
             [c.ctx for c in pad],
             max_new_tokens=F + r.max_latent_tokens,
             sampling=prop.sampling,

@@ -72,7 +72,8 @@ def main():
         write_tasks(args.write_tasks, args.data_dir, os.path.join(out, "tfds"))
         return
     from ra3_jax import enable_compilation_cache
-    from ra3_jax.algorithms.rlvr import RLVRTrainer
+    from ra3_jax.algorithms.grpo import run_grpo
+    from ra3_jax.algorithms.rlvr import RLVREnv
     from ra3_jax.config import load_config
 
     enable_compilation_cache()
@@ -86,12 +87,12 @@ def main():
         f"train.steps={args.steps}",
         "train.eval_every=0",
         f"train.ckpt_every={10**6}",
-        "rlvr.eval_benchmarks=[]",
-        f"rlvr.prompts_per_step={args.prompts}",
-        f"rlvr.group_size={args.group}",
-        f"rlvr.max_new_tokens={args.max_new_tokens}",
+        "eval.benchmarks=[]",
+        f"policy.prompts_per_step={args.prompts}",
+        f"policy.group_size={args.group}",
+        f"policy.max_new_tokens={args.max_new_tokens}",
         f"rlvr.sandbox_workers={args.workers}",
-        f"rlvr.micro_batch={args.micro_batch}",
+        f"policy.micro_batch={args.micro_batch}",
         "optim.lr=1e-6",
         "optim.schedule=constant",
         "optim.warmup_steps=1",
@@ -109,10 +110,13 @@ def main():
     if args.tasks:
         over.append(f"rlvr.tasks_file={args.tasks}")
     else:
-        over += [f"rlvr.data_dir={args.data_dir}", "rlvr.benchmark=mbpp", "rlvr.split=train"]
+        over += [f"data.benchmark_dir={args.data_dir}", "rlvr.benchmark=mbpp", "rlvr.split=train"]
     cfg = load_config(None, over)
-    tr = RLVRTrainer(cfg)
-    tr.run()
+    from ra3_jax.train.context import build_run_context
+
+    env = RLVREnv.from_config(cfg)
+    run_grpo(build_run_context(cfg), env)
+    sandbox = env.sandbox.sandbox
     rows = [json.loads(x) for x in open(os.path.join(cfg.train.out_dir, "metrics.jsonl"))][1:]
     if not rows:
         sys.exit("need --steps >= 2 (the first step includes compilation)")
@@ -123,7 +127,7 @@ def main():
         f"device: {jax.devices()[0].device_kind}; preset {args.preset}"
         f"{' (real weights)' if args.model_path else ' (random weights)'}; "
         f"{args.prompts} prompts x {args.group} samples, <= {args.max_new_tokens} new tokens, {args.dtype}; "
-        f"sandbox isolated={tr.sandbox.isolated}, process cap={tr.sandbox.process_cap}; mean of {len(rows)} steps after the first"
+        f"sandbox isolated={sandbox.isolated}, process cap={sandbox.process_cap}; mean of {len(rows)} steps after the first"
     )
     print(
         f"  rollout {mean('rollout_s'):.3f} s ({mean('rollout_tokens_per_s'):,.0f} tokens/s, "

@@ -113,7 +113,7 @@ def tiny_setup(spm_tokenizer):
     from ra3_jax.model.store import model_config_from_section
 
     cfg = load_config(
-        os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"), ["mesh.data=1", "ra3.estep_batch_docs=2", "ra3.group_size=3"]
+        os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"), ["mesh.data=1", "ra3.estep_batch_docs=2", "policy.group_size=3"]
     )
     mcfg = model_config_from_section(cfg.model)
     params = init_params(mcfg, jax.random.key(3))
@@ -190,7 +190,7 @@ def test_elbo_against_brute_force_enumeration(tiny_setup):
 
 def test_estep_scores_match_naive_horizon_likelihoods(tiny_setup):
     """The batched padded scoring (ll_z, ll_c, log p_ref) equals per-sequence naive sums, and R = gain - c."""
-    from ra3_jax.algorithms.ra3 import LatentProposer, make_documents
+    from ra3_jax.algorithms.ra3 import LatentProposer, make_documents, start_id
     from ra3_jax.sharding import make_mesh
 
     cfg, mcfg, params, tok = tiny_setup
@@ -202,7 +202,7 @@ def test_estep_scores_match_naive_horizon_likelihoods(tiny_setup):
     zs = ["# thought: add one", "# thought: x", "# thought: return the value of c"]
     groups = [[{"tokens": tok.encode(c.indent + z + "\n"), "text": z, "generated": 1} for z in zs] for c in cands]
     batch, _, _ = proposer.batch_arrays(cands, groups)
-    out = jax.device_get(proposer.score_fn()(params, batch))
+    out = jax.device_get(proposer.score(params, batch))
     for i, c in enumerate(cands):
         naive_c = _naive_logprobs(params, mcfg, c.ctx + c.horizon)[len(c.ctx) - 1 :].sum()
         np.testing.assert_allclose(out["ll_c"][i], naive_c, atol=2e-4)
@@ -213,8 +213,10 @@ def test_estep_scores_match_naive_horizon_likelihoods(tiny_setup):
             np.testing.assert_allclose(out["ll_z"][i, g], lp[len(c.ctx) - 1 + nz :].sum(), atol=2e-4)
     R = proposer.rewards(out, len(cands))
     np.testing.assert_allclose(R, out["gain"][:2] - switch_cost(cfg.ra3.alpha), atol=1e-6)
-    assert cands[0].ctx[-len(docs[0].steps[1]) :] == docs[0].steps[1]  # the prompt holds the accepted latent
-    assert set(prior[1]["tokens"]) <= set(cands[0].ctx)
+    # the prompt holds the accepted latent, inserted right before step 1, and then step 1's code
+    lat_and_step = prior[1]["tokens"] + docs[0].steps[1]
+    assert cands[0].ctx[-len(lat_and_step) :] == lat_and_step
+    assert cands[1].ctx == [start_id(tok)]  # boundary 0: only the start token, no latent
 
 
 def test_prior_and_switch_cost():
@@ -301,10 +303,10 @@ def test_resume_after_sigkill_in_estep_and_mstep(tmp_path, spm_tokenizer, tfds_d
     straight = _run_cli(tmp_path / "s", spm_tokenizer, tfds_dir)
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "k"
-    p = _run_cli(out, spm_tokenizer, tfds_dir, fault="estep:1:1")
+    p = _run_cli(out, spm_tokenizer, tfds_dir, fault="estep-1:1")
     assert p.returncode == -9, p.stderr[-3000:]
     assert not (out / "iter_1" / "bootstrap").exists()
-    p = _run_cli(out, spm_tokenizer, tfds_dir, fault="mstep:1:3")
+    p = _run_cli(out, spm_tokenizer, tfds_dir, fault="mstep-1:7")  # M-step step 3 of iteration 1 (4 + 3)
     assert p.returncode == -9, p.stderr[-3000:]
     p = _run_cli(out, spm_tokenizer, tfds_dir)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -332,7 +334,7 @@ def test_synthetic_hidden_plan_estep_discovers_plans(tmp_path, tfds_dir):
     from ra3_jax.config import load_config
     from ra3_jax.data.bootstrap import read_records
     from ra3_jax.tokenizer import train_sentencepiece
-    from ra3_jax.train.loop import train
+    from ra3_jax.train.ntp import train
 
     texts = write_corpus(str(tmp_path / "pre_src"), 2000, rationale_fraction=0.9, seed=0)
     write_corpus(str(tmp_path / "ra3_src"), 800, rationale_fraction=0.0, seed=1)
@@ -389,7 +391,7 @@ def test_synthetic_hidden_plan_estep_discovers_plans(tmp_path, tfds_dir):
                 "ra3.iterations=1",
                 "ra3.docs_per_iteration=128",
                 "ra3.candidates_per_doc=2",
-                "ra3.group_size=8",
+                "policy.group_size=8",
                 "ra3.max_latent_tokens=8",
                 "ra3.horizon_steps=1",
                 "ra3.context_tokens=64",

@@ -81,10 +81,11 @@ def _doc(rng, n, tag, p_next=0.5):
 
 
 def test_rlpt_reward_rises_on_predictable_next_sentences(tmp_path):
-    from ra3_jax.algorithms.rlpt import RLPTTrainer
+    from ra3_jax.algorithms.rlpt import RLPTEnv, cold_start_sft, rlpt
     from ra3_jax.config import load_config
     from ra3_jax.tokenizer import train_sentencepiece
-    from ra3_jax.train.loop import train
+    from ra3_jax.train.context import build_run_context
+    from ra3_jax.train.ntp import train
 
     rng = np.random.default_rng(0)
     # pre-training text: the successor sentence half the time (a random one otherwise), the prediction format in
@@ -136,41 +137,41 @@ def test_rlpt_reward_rises_on_predictable_next_sentences(tmp_path):
         mode="pretrain",
     )
     run = tmp_path / "rlpt"
-    tr = RLPTTrainer(
-        load_config(
-            None,
-            common
-            + [
-                "model.init=orbax",
-                f"model.path={tmp_path / 'pre_run'}",
-                f"data.source_dirs=[{tmp_path / 'rl'}]",
-                "data.validation_fraction=0.1",
-                "rlpt.segmenter=text",
-                "rlpt.min_segment_chars=4",
-                "rlpt.max_context_chars=200",
-                "rlpt.msr_fraction=0.25",
-                "rlpt.msr_weight=0.5",
-                "rlpt.prompts_per_step=8",
-                "rlpt.group_size=8",
-                "rlpt.max_new_tokens=40",
-                "rlpt.eval_triples=64",
-                "rlpt.eval_max_new_tokens=40",
-                "optim.lr=5e-4",
-                "optim.schedule=constant",
-                "optim.warmup_steps=1",
-                "optim.weight_decay=0",
-                "train.steps=24",
-                "train.eval_every=24",
-                "train.ckpt_every=12",
-                f"train.out_dir={run}",
-            ],
-        )
+    rl_cfg = load_config(
+        None,
+        common
+        + [
+            "model.init=orbax",
+            f"model.path={tmp_path / 'pre_run'}",
+            f"data.source_dirs=[{tmp_path / 'rl'}]",
+            "data.validation_fraction=0.1",
+            "rlpt.segmenter=text",
+            "rlpt.min_segment_chars=4",
+            "rlpt.max_context_chars=200",
+            "rlpt.msr_fraction=0.25",
+            "rlpt.msr_weight=0.5",
+            "policy.prompts_per_step=8",
+            "policy.group_size=8",
+            "policy.max_new_tokens=40",
+            "rlpt.eval_triples=64",
+            "eval.max_new_tokens=40",
+            "optim.lr=5e-4",
+            "optim.schedule=constant",
+            "optim.warmup_steps=1",
+            "optim.weight_decay=0",
+            "train.steps=24",
+            "train.eval_every=24",
+            "train.ckpt_every=12",
+            f"train.out_dir={run}",
+        ],
     )
+    tr = RLPTEnv.from_config(rl_cfg)
     kinds = {t.kind for t in tr.tasks}
     assert kinds == {"asr", "msr"}
-    msr_rows = tr.adv_weights(list(range(8)))
-    assert set(np.unique(msr_rows)) <= {0.5, 1.0}
-    tr.run()
+    msr_rows = tr.adv_weights(list(range(8)), 8)
+    assert set(np.unique(msr_rows)) <= {0.5, 1.0}  # lambda = 0.5 on MSR rows, 1 on ASR rows
+    assert np.array_equal(msr_rows == 0.5, np.repeat([tr.tasks[i].kind == "msr" for i in range(8)], 8))
+    rlpt(rl_cfg)
     rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
     asr = [r["reward_asr"] for r in rows if "reward_asr" in r]
     evals = [r["eval/next_segment_acc"] for r in rows if "eval/next_segment_acc" in r]
@@ -192,13 +193,14 @@ def test_rlpt_reward_rises_on_predictable_next_sentences(tmp_path):
         "rlpt.eval_triples=0",
         "train.steps=1",
     ]
-    sft = RLPTTrainer(
-        load_config(
-            None, common_rl + ["rlpt.sft_steps=6", "rlpt.sft_lr=1e-3", "rlpt.sft_batch=8", f"train.out_dir={tmp_path / 'sft'}"]
-        )
+    sft_cfg = load_config(
+        None, common_rl + ["rlpt.sft_steps=6", "rlpt.sft_lr=1e-3", "rlpt.sft_batch=8", f"train.out_dir={tmp_path / 'sft'}"]
     )
-    assert len(sft.sft_losses) == 6 and sft.sft_losses[-1] < sft.sft_losses[0], sft.sft_losses
-    judged = RLPTTrainer(
+    ctx = build_run_context(sft_cfg)
+    _, sft_losses = cold_start_sft(ctx, RLPTEnv.from_config(sft_cfg), ctx.params)
+    ctx.ckpt.close()
+    assert len(sft_losses) == 6 and sft_losses[-1] < sft_losses[0], sft_losses
+    judged = RLPTEnv.from_config(
         load_config(
             None,
             common_rl

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ra3_jax.algorithms.rlvr import grpo_update, rollout_rows, task_batch
+from ra3_jax.algorithms.grpo import grpo_update, rollout_rows, task_batch
 from ra3_jax.config import load_config
 from ra3_jax.model.llama import LlamaConfig, forward
 from ra3_jax.model.params import init_params
@@ -22,7 +22,10 @@ def test_task_batch_is_an_endless_resumable_permutation_stream():
     a = task_batch(5, 0, 12, seed=3)
     assert sorted(a[:5]) == list(range(5)) and sorted(a[5:10]) == list(range(5))
     assert task_batch(5, 7, 5, seed=3) == a[7:12]  # any cursor resumes the same stream
-    assert task_batch(5, 0, 5, seed=4) != a[:5] or True
+    # epoch e is the permutation drawn from default_rng([seed, e]) (reference computed here)
+    assert a[:5] == np.random.default_rng([3, 0]).permutation(5).tolist()
+    assert a[5:10] == np.random.default_rng([3, 1]).permutation(5).tolist()
+    assert len({tuple(task_batch(5, 0, 5, seed=s)) for s in range(3, 9)}) > 1  # the seed changes the stream
 
 
 def test_rollout_rows_mask_the_response_only():
@@ -122,6 +125,18 @@ def test_grpo_update_loss_and_entropy_hand_computed():
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
+def _final_params(run_dir):
+    from ra3_jax.model.params import abstract_params
+    from ra3_jax.model.store import read_model_config
+    from ra3_jax.train.checkpoint import RunCheckpointer
+
+    ck = RunCheckpointer(os.path.join(run_dir, "checkpoints"), async_save=False)
+    try:
+        return jax.device_get(ck.restore_params(ck.latest_step(), abstract_params(read_model_config(str(run_dir)))))
+    finally:
+        ck.close()
+
+
 def _constant_corpus(d, n, seed):
     os.makedirs(d, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -138,10 +153,9 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
     """A tiny model pretrained on `def f(): return <random digit>` (reward ~ 1/10 for "return 7") is GRPO-trained
     with sandbox rewards on `assert f() == 7`: the pass rate must rise. A run interrupted at step 4 and resumed
     ends with the same parameters as an uninterrupted one."""
-    from ra3_jax.algorithms.rlvr import RLVRTrainer
-    from ra3_jax.model.store import load_model  # noqa: F401  (model loading path used by the trainer)
+    from ra3_jax.algorithms.rlvr import rlvr
     from ra3_jax.tokenizer import train_sentencepiece
-    from ra3_jax.train.loop import train
+    from ra3_jax.train.ntp import train
 
     texts = _constant_corpus(str(tmp_path / "src"), 600, 0)
     tok = train_sentencepiece(texts * 4, 320, str(tmp_path / "tok"))
@@ -195,10 +209,10 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
                 "model.init=orbax",
                 f"model.path={tmp_path / 'pre'}",
                 f"rlvr.tasks_file={tasks}",
-                "rlvr.prompts_per_step=4",
-                "rlvr.group_size=8",
-                "rlvr.max_new_tokens=8",
-                "rlvr.eval_benchmarks=[]",
+                "policy.prompts_per_step=4",
+                "policy.group_size=8",
+                "policy.max_new_tokens=8",
+                "eval.benchmarks=[]",
                 "rlvr.timeout_s=5",
                 "optim.lr=1e-3",
                 "optim.schedule=constant",
@@ -212,7 +226,7 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
             ],
         )
 
-    RLVRTrainer(rl_cfg(tmp_path / "rl", 16)).run()
+    rlvr(rl_cfg(tmp_path / "rl", 16))
     rows = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
     rewards = [r["reward"] for r in rows if "reward" in r]
     first, last = np.mean(rewards[:3]), np.mean(rewards[-4:])
@@ -223,25 +237,24 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
     )
 
     # resume: 4 steps, then the same run continued to 8, against 8 uninterrupted steps
-    RLVRTrainer(rl_cfg(tmp_path / "a", 4)).run()
-    ra = RLVRTrainer(rl_cfg(tmp_path / "a", 8))
-    assert ra.start == 4 and ra.cursor == 16
-    ra.run()
+    assert rlvr(rl_cfg(tmp_path / "a", 4))["task_cursor"] == 16
+    ra = rlvr(rl_cfg(tmp_path / "a", 8))
+    assert ra["resumed_from"] == 4 and ra["task_cursor"] == 32
     # the uninterrupted run also evaluates greedy pass@1 on 2 HumanEval tasks at steps 0, 4 and 8
-    rb = RLVRTrainer(
+    rb = rlvr(
         rl_cfg(
             tmp_path / "b",
             8,
             [
-                f"rlvr.data_dir={shared_data}",
-                "rlvr.eval_benchmarks=[humaneval]",
-                "rlvr.eval_tasks=2",
-                "rlvr.eval_max_new_tokens=8",
+                f"data.benchmark_dir={shared_data}",
+                "eval.benchmarks=[humaneval]",
+                "eval.tasks=2",
+                "eval.max_new_tokens=8",
                 "train.eval_every=4",
             ],
         )
     )
-    rb.run()
+    assert rb["resumed_from"] == 0
     evals = [
         (r["step"], r["eval/humaneval/pass@1"])
         for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl"))
@@ -249,7 +262,7 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
     ]
     assert [s for s, _ in evals] == [0, 4, 8] and all(v == 0.0 for _, v in evals)  # a digit model solves nothing
     assert (tmp_path / "b" / "eval" / "step_8" / "humaneval" / "results.jsonl").exists()
-    for x, y in zip(jax.tree.leaves(ra.state.params), jax.tree.leaves(rb.state.params)):
+    for x, y in zip(jax.tree.leaves(_final_params(tmp_path / "a")), jax.tree.leaves(_final_params(tmp_path / "b"))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     # the CLI on the same run: `ra3 eval` with this model (2 HumanEval tasks) and `ra3 report`
