@@ -129,6 +129,9 @@ class TrainSection:
     eval_batches: int = 4
     ckpt_every: int = 50
     keep_checkpoints: int = 3
+    # resume from this checkpoint step instead of the latest (0 = the latest); the steps after it are moved to
+    # <out_dir>/checkpoints.discarded/. A one-off override: the error about a damaged step names it.
+    resume_step: int = 0
     async_checkpoints: bool = True
     progress: bool = True
     wandb_project: str | None = None
@@ -180,11 +183,13 @@ class RA3Section:
     candidates_per_doc: int = 4  # K candidate boundaries per document per iteration
     max_latent_tokens: int = 24  # L_z (tokens generated after the marker)
     marker: str = "# thought:"  # rationales are rendered as `<indent><marker> <text>\n`
-    horizon_steps: int = 4  # H: steps scored after the boundary
-    max_horizon_tokens: int = 128
-    context_tokens: int = 256  # prefix tokens kept in the prompt / scoring context
-    alpha: float = 0.9  # sticky prior p_0(CONTINUE); switching cost c = log(alpha / (1 - alpha))
-    beta: float = 0.0  # weight of log q(r) - log p_ref(r) in the reward
+    horizon_steps: int = 4  # H: steps scored after the boundary (the prefix is always the whole document prefix)
+    alpha: float = 0.9  # switching penalty c = log(alpha / (1 - alpha)) >= 0, alpha in [0.5, 1] (1: c = inf, NTP)
+    lambda_z: float = 1.0  # weight of the rationale's own log-prob LP(z) in reward and selection (1: exact increment)
+    beta: float = 0.0  # weight of -log q(z) in the PG reward (1: the entropy term of the stochastic-q ELBO increment)
+    proposal: Literal["prefix", "hindsight"] = "prefix"  # q sees the prefix, or also the next H steps (BoLT-style)
+    exact_policy_gradient: bool = False  # False: PG backward with the prefix's KV cache held constant (cheaper)
+    logit_chunk: int = 512  # scored positions per chunk of the LM head + log-softmax (memory: chunk x vocab)
     estep_batch_docs: int = 8  # documents per E-step policy update
     estep_lr: float = 1.0e-5  # policy learning rate (constant)
     mstep_steps: int = 50  # M-step optimizer steps per iteration (batch = data.batch_size x data.seq_len tokens)
@@ -276,8 +281,10 @@ def _validate_policy(p: PolicySection) -> None:
 
 
 def _validate_ra3(r: RA3Section) -> None:
-    if not 0.0 < r.alpha <= 1.0:
-        raise ConfigError(f"ra3.alpha={r.alpha} must be in (0, 1] (alpha = 1 means no latent is ever accepted)")
+    if not 0.5 <= r.alpha <= 1.0:
+        raise ConfigError(
+            f"ra3.alpha={r.alpha} must be in [0.5, 1]: c = log(alpha / (1 - alpha)) >= 0 (alpha = 1: no latent is accepted)"
+        )
     keys = (
         "iterations",
         "candidates_per_doc",
@@ -287,8 +294,6 @@ def _validate_ra3(r: RA3Section) -> None:
         "mstep_steps",
         "every_k",
         "max_doc_tokens",
-        "context_tokens",
-        "max_horizon_tokens",
     )
     _require_positive("ra3", r, keys)
 

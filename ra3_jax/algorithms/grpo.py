@@ -286,7 +286,7 @@ def run_grpo(ctx: RunContext, env: Environment, before_rl=None) -> dict:
         raise TrainingError(f"{env.name} has no training tasks")
     ref_params = ctx.params if cfg.policy.kl_coef > 0 else None
     trainer = GRPOTrainer(ctx, env, ref_params)
-    if ctx.ckpt.latest_step() is None and before_rl is not None:
+    if before_rl is not None and ctx.ckpt.pick_step(cfg.train.resume_step) is None:  # a fresh run (checked first)
         ctx.params = before_rl(ctx.params)
     train_state, start = restore_or_create(ctx, trainer.tx)
     cursor = int(ctx.ckpt.restore_data(start)["cursor"]) if start else 0

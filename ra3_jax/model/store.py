@@ -85,11 +85,14 @@ def restore_params_from_dir(path: str, cfg: LlamaConfig, mesh):
     if os.path.isdir(os.path.join(path, "checkpoints")):
         from ra3_jax.train.checkpoint import RunCheckpointer
 
-        ck = RunCheckpointer(os.path.join(path, "checkpoints"), async_save=False)
-        step = ck.latest_step()
-        if step is None:
-            raise CheckpointError(f"run directory {path} has no finished checkpoint")
-        return ck.restore_params(step, target)
+        ck = RunCheckpointer(os.path.join(path, "checkpoints"), async_save=False, resume_override=None)
+        try:
+            step = ck.pick_step()  # the latest step, checked: a damaged one is a CheckpointIOError naming the file
+            if step is None:
+                raise CheckpointError(f"run directory {path} has no finished checkpoint")
+            return ck.restore_params(step, target)
+        finally:
+            ck.close()
     raise CheckpointError(f"{path} holds neither params/ (from `ra3 convert`) nor checkpoints/ (a training run)")
 
 

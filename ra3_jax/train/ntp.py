@@ -103,7 +103,10 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
     if mode == "pretrain" and cfg.model.init != "random":
         raise TrainingError(f"pretrain starts from random weights; model.init={cfg.model.init}: use midtrain-ntp")
     if mode == "midtrain-ntp" and cfg.model.init == "random":
-        raise TrainingError("midtrain-ntp continues a trained model: set model.init (gguf | hf | orbax) and model.path")
+        raise TrainingError(
+            "midtrain-ntp continues a trained model: pass its config (e.g. --config configs/smollm2_135m_cpu.yaml) "
+            "or set model.init (gguf | hf | orbax) and model.path"
+        )
     ctx = build_run_context(cfg)
     check_batch(cfg, ctx.mesh)
     check_finite_epochs(cfg, ctx.mesh)
@@ -150,8 +153,9 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
 
 
 def restore_or_create(ctx: RunContext, tx, data_iter=None):
-    """(train state, start step): the latest checkpoint of the run (and its data position), or a fresh state."""
-    start = ctx.ckpt.latest_step()
+    """(train state, start step): the run's checkpoint (the latest, or ``train.resume_step``; checked, and the steps
+    after it moved aside) with its data position, or a fresh state when the run has none."""
+    start = ctx.ckpt.pick_step(ctx.cfg.train.resume_step)
     params = ctx.take_params()
     if start is None:
         return create_state(params, tx, ctx.model_cfg, ctx.mesh), 0
