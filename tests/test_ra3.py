@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ra3_jax.data.boundaries import find_boundaries, split_steps
-from ra3_jax.objectives.elbo import elbo_estimate, elbo_expectation, log_prior, path_log_joint, switch_cost
+from ra3_jax.objectives.elbo import elbo_expectation, iwae_bound, switch_cost
 from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,101 +130,176 @@ def _naive_logprobs(params, mcfg, seq):
     return np.asarray(jnp.take_along_axis(lp, toks[0, 1:, None], -1)[:, 0], np.float64)
 
 
-def test_elbo_against_brute_force_enumeration(tiny_setup):
-    """Tiny latent space {CONTINUE, r1, r2} at each of 3 boundaries: 27 paths enumerated.
-
-    - the estimator's log p(x, z) of every path equals a brute-force sum over an independently built sequence;
-    - log p(x) = logsumexp over paths >= every path's ELBO (the bound holds);
-    - the ELBO of the exact posterior q*(z) = p(x, z) / p(x) equals log p(x) (tight), a factorized q is below;
-    - the Monte Carlo estimate with samples of that q converges to its exact expectation.
-    """
-    from ra3_jax.algorithms.ra3 import LatentProposer, doc_sequence, make_documents, path_terms, start_id
+def _mesh1():
     from ra3_jax.sharding import make_mesh
 
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def _naive_sum(params, mcfg, seq, lo=1, hi=None):
+    """sum of log p(seq[j] | seq[<j]) for tokens j in [lo, hi) by a plain forward."""
+    lp = _naive_logprobs(params, mcfg, seq)  # lp[j - 1] = log p(seq[j] | ...)
+    return float(lp[lo - 1 : (len(seq) if hi is None else hi) - 1].sum())
+
+
+def test_bound_against_enumeration_and_iwae(tiny_setup):
+    """Tiny latent space {CONTINUE, r1, r2} at each of 3 boundaries, 27 paths: the project's bound of each path
+    equals a plain forward of the rendered text tokenized whole; the all-CONTINUE path is log p(x); every path is
+    <= log sum_z p(render(x, z)) = log p_latent(x), and the importance-weighted bound converges to it as K grows."""
+    from ra3_jax.algorithms.ra3 import LatentProposer, make_documents, path_log_likelihoods, start_id
+
     cfg, mcfg, params, tok = tiny_setup
-    alpha = 0.7
     doc = make_documents("x = 1\ny = x + 2\nprint(y)\n", "toy.py", tok, cfg.ra3)[0]
     assert doc.num_steps == 3
-    rats = ["# thought: add two\n", "# thought: print it\n"]
-    rat_tokens = [tok.encode(r) for r in rats]
-    proposer = LatentProposer(cfg, mcfg, tok, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-
-    log_joint = []
-    for path in itertools.product([None, 0, 1], repeat=3):
-        lat = {t: {"tokens": rat_tokens[z], "text": rats[z]} for t, z in enumerate(path) if z is not None}
-        # estimator: batched padded teacher forcing + bookkeeping in path_terms + prior
-        y, _ = doc_sequence(doc, lat, tok)
-        lp = proposer.sequence_logprobs(params, [y])[0]
-        code_ll, is_lat, ref = path_terms(lp, doc, lat)
-        est = path_log_joint(code_ll, is_lat, ref, alpha)
-        # brute force: build the interleaved sequence by hand, label each token, plain forward
-        seq, kind = [start_id(tok)], ["start"]
-        for t, z in enumerate(path):
-            if z is not None:
-                seq += rat_tokens[z]
-                kind += ["latent"] * len(rat_tokens[z])
-            seq += doc.steps[t]
-            kind += ["code"] * len(doc.steps[t])
-        seq.append(tok.eos_id)
-        kind.append("code")
-        naive = _naive_logprobs(params, mcfg, seq)
-        brute = sum(lpj for lpj, k in zip(naive, kind[1:]))  # code + latent tokens
-        brute += sum(math.log(alpha) if z is None else math.log(1 - alpha) for z in path)
-        np.testing.assert_allclose(est, brute, rtol=0, atol=2e-4)
-        log_joint.append(brute)
-    log_joint = np.array(log_joint)
-    log_px = float(np.logaddexp.reduce(log_joint))
-    assert np.all(log_joint <= log_px + 1e-9)
-    q_star = np.exp(log_joint - log_px)
-    np.testing.assert_allclose(elbo_expectation(log_joint, q_star), log_px, atol=1e-9)
-    # a factorized q: each boundary independently CONTINUE 0.5, r1 0.25, r2 0.25
+    lines = ["# thought: add two\n", "# thought: print it\n"]
+    proposer = LatentProposer(cfg, mcfg, tok, _mesh1())
+    paths = list(itertools.product([None, 0, 1], repeat=3))
+    lats = [{t: {"text": lines[z]} for t, z in enumerate(path) if z is not None} for path in paths]
+    got = path_log_likelihoods(proposer, params, [doc] * len(paths), dict(enumerate(lats)))
+    naive = []
+    for path in paths:  # the rendered text built by hand, tokenized whole, one plain forward
+        text = "".join((lines[z] if z is not None else "") + doc.texts[t] for t, z in enumerate(path))
+        naive.append(_naive_sum(params, mcfg, [start_id(tok)] + tok.encode(text) + [tok.eos_id]))
+    naive = np.array(naive)
+    np.testing.assert_allclose(got, naive, rtol=0, atol=2e-4)
+    log_px = _naive_sum(params, mcfg, [start_id(tok)] + tok.encode(doc.text) + [tok.eos_id])
+    np.testing.assert_allclose(got[0], log_px, atol=2e-4)  # the all-CONTINUE path is NTP
+    log_latent = float(np.logaddexp.reduce(naive))
+    assert np.all(got <= log_latent + 2e-4) and log_latent >= log_px  # (float32 forwards)
+    # IWAE with a factorized proposal (CONTINUE 0.5, r1 0.25, r2 0.25 per boundary)
     per = {None: 0.5, 0: 0.25, 1: 0.25}
-    q = np.array([np.prod([per[z] for z in p]) for p in itertools.product([None, 0, 1], repeat=3)])
-    e_q = elbo_expectation(log_joint, q)
-    assert e_q < log_px - 1e-3
+    q = np.array([np.prod([per[z] for z in p]) for p in paths])
     rng = np.random.default_rng(0)
-    idx = rng.choice(len(q), size=20000, p=q)
-    terms = log_joint[idx] - np.log(q[idx])
-    assert abs(elbo_estimate(log_joint[idx], np.log(q[idx])) - e_q) < 4 * terms.std() / math.sqrt(len(idx))
+    errs = {}
+    for K in (1, 16, 512):
+        est = [iwae_bound(naive[i], np.log(q[i])) for i in (rng.choice(len(q), size=(200, K), p=q))]
+        errs[K] = abs(np.mean(est) - log_latent)
+        assert np.mean(est) <= log_latent + 0.05  # a lower bound in expectation
+    assert errs[512] < errs[16] < errs[1] and errs[512] < 0.05, errs
+    np.testing.assert_allclose(elbo_expectation(naive, q), np.sum(q * (naive - np.log(q))), rtol=1e-12)
 
 
-def test_estep_scores_match_naive_horizon_likelihoods(tiny_setup):
-    """The batched padded scoring (ll_z, ll_c, log p_ref) equals per-sequence naive sums, and R = gain - c."""
+def test_one_tokenization_for_mstep_estep_and_bound(tiny_setup):
+    """The M-step's records, the E-step's scoring rows and the bound's sequences are the rendered text tokenized
+    whole, with one start token and no BOS inside; the latent mask marks the latent line's tokens."""
     from ra3_jax.algorithms.ra3 import LatentProposer, make_documents, start_id
-    from ra3_jax.sharding import make_mesh
+    from ra3_jax.data.documents import bootstrap_records, doc_sequence, render, scoring_rows
 
     cfg, mcfg, params, tok = tiny_setup
-    proposer = LatentProposer(cfg, mcfg, tok, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    docs = make_documents("def f(a):\n    b = a * 2\n    return b\n", "t.py", tok, cfg.ra3)
+    lat = {1: {"text": "    # thought: double it\n"}}
+    text = render(docs[0], lat)
+    assert text == "def f(a):\n    # thought: double it\n    b = a * 2\n    return b\n"
+    whole = [start_id(tok)] + tok.encode(text) + [tok.eos_id]
+    toks, mask = doc_sequence(docs[0], lat, tok)
+    assert toks == whole and toks.count(start_id(tok)) == 1
+    assert tok.decode([t for t, m in zip(toks, mask) if m]).strip() == "# thought: double it"
+    rec = bootstrap_records(docs, {0: lat}, tok, 0, 0)[0]
+    assert rec.tokens.tolist() == whole and rec.text == text
+    prop = LatentProposer(cfg, mcfg, tok, _mesh1())
+    c = prop.candidate(docs, 0, 1, {})
+    sr = scoring_rows(c.prefix, [lat[1]["text"]], c.horizon, tok, ends_document=c.ends_document)
+    assert sr.latent[0] == whole and sr.cont == [start_id(tok)] + tok.encode(docs[0].text) + [tok.eos_id]
+    assert c.prompt == [start_id(tok)] + tok.encode(docs[0].texts[0])  # the proposal sees the full prefix
+
+
+def test_estep_scores_are_the_exact_increment(tiny_setup):
+    """LP(z) + LL(z) - LL(C) of the batched padded scoring equals log p(render with z) - log p(render without z)
+    of the candidate's text by plain forwards (the exact bound increment), LP is the rationale's own tokens, and
+    the selection score / reward are gain - c and gain - beta log q - c."""
+    from ra3_jax.algorithms.ra3 import LatentProposer, make_documents, start_id
+
+    cfg, mcfg, params, tok = tiny_setup
+    proposer = LatentProposer(cfg, mcfg, tok, _mesh1())
     text = "def f(a):\n    b = a * 2\n    c = b + 1\n    return c\n\nprint(f(3))\n"
     docs = make_documents(text, "t.py", tok, cfg.ra3)
-    prior = {1: {"tokens": tok.encode("    # thought: double\n"), "text": "    # thought: double\n"}}
+    prior = {1: {"text": "    # thought: double\n"}}
     cands = [proposer.candidate(docs, 0, 2, prior), proposer.candidate(docs, 0, 0, {})]
-    zs = ["# thought: add one", "# thought: x", "# thought: return the value of c"]
-    groups = [[{"tokens": tok.encode(c.indent + z + "\n"), "text": z, "generated": 1} for z in zs] for c in cands]
-    batch, _, _ = proposer.batch_arrays(cands, groups)
+    zs = [" add one", " x", " return the value of c"]
+    groups = [
+        [{"text": c.indent + "# thought:" + z + "\n", "sampled": [5], "logq": -1.5 * (g + 1)} for g, z in enumerate(zs)]
+        for c in cands
+    ]
+    batch, _ = proposer.scoring_batch(cands, groups)
     out = jax.device_get(proposer.score(params, batch))
     for i, c in enumerate(cands):
-        naive_c = _naive_logprobs(params, mcfg, c.ctx + c.horizon)[len(c.ctx) - 1 :].sum()
-        np.testing.assert_allclose(out["ll_c"][i], naive_c, atol=2e-4)
+        eos = [tok.eos_id] if c.ends_document else []
+        full_c = _naive_sum(params, mcfg, [start_id(tok)] + tok.encode(c.prefix + c.horizon) + eos)
         for g, z in enumerate(groups[i]):
-            lp = _naive_logprobs(params, mcfg, c.ctx + z["tokens"] + c.horizon)
-            nz = len(z["tokens"])
-            np.testing.assert_allclose(out["logp_ref"][i, g], lp[len(c.ctx) - 1 : len(c.ctx) - 1 + nz].sum(), atol=2e-4)
-            np.testing.assert_allclose(out["ll_z"][i, g], lp[len(c.ctx) - 1 + nz :].sum(), atol=2e-4)
-    R = proposer.rewards(out, len(cands))
-    np.testing.assert_allclose(R, out["gain"][:2] - switch_cost(cfg.ra3.alpha), atol=1e-6)
-    # the prompt holds the accepted latent, inserted right before step 1, and then step 1's code
-    lat_and_step = prior[1]["tokens"] + docs[0].steps[1]
-    assert cands[0].ctx[-len(lat_and_step) :] == lat_and_step
-    assert cands[1].ctx == [start_id(tok)]  # boundary 0: only the start token, no latent
+            seq = [start_id(tok)] + tok.encode(c.prefix + z["text"] + c.horizon) + eos
+            full_z = _naive_sum(params, mcfg, seq)
+            inc = out["lp_z"][i, g] + out["ll_z"][i, g] - out["ll_c"][i]
+            np.testing.assert_allclose(inc, full_z - full_c, atol=3e-4)
+            assert out["lp_z"][i, g] < -1.0  # a rationale costs its own likelihood
+    gain, r_plus_c = proposer.terms(out, groups)
+    np.testing.assert_allclose(gain, out["ll_z"][:2] - out["ll_c"][:2, None] + cfg.ra3.lambda_z * out["lp_z"][:2], atol=1e-9)
+    logq = np.array([[z["logq"] for z in g] for g in groups])
+    np.testing.assert_allclose(r_plus_c, gain - cfg.ra3.beta * logq, atol=1e-9)
+    assert cands[0].prefix == docs[0].texts[0] + prior[1]["text"] + docs[0].texts[1]  # the accepted latent is in the prefix
 
 
-def test_prior_and_switch_cost():
+def test_pg_gradient_is_reinforce_on_the_sampled_ids(tiny_setup):
+    """The E-step's policy loss is REINFORCE on exactly the sampled ids (a sampled EOS stays EOS); the forced
+    marker tokens get no gradient."""
+    from ra3_jax.algorithms.ra3 import LatentProposer, make_documents
+    from ra3_jax.algorithms.ra3.estep import estep_objective
+    from ra3_jax.model.llama import forward
+
+    cfg, mcfg, params, tok = tiny_setup
+    proposer = LatentProposer(cfg, mcfg, tok, _mesh1())
+    docs = make_documents("a = 1\nb = a\nc = b\n", "t.py", tok, cfg.ra3)
+    cands = [proposer.candidate(docs, 0, 1, {}), proposer.candidate(docs, 0, 2, {})]
+    samples = [[7, 9, tok.eos_id], [11, 12], [13], [14, 15, 16], [17], [18, tok.eos_id]]
+    groups = [[{"text": "", "sampled": samples[i * 3 + g], "logq": 0.0} for g in range(3)] for i in range(2)]
+    R = np.array([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0]])
+    batch = jax.device_get(proposer.policy_batch(cands, groups, R))
+    n_real = 6
+    for r in range(n_real):  # the loss mask covers exactly the sampled ids (EOS included), never the forced marker
+        c, smp = cands[r // 3], samples[r]
+        head = c.prompt + c.forced
+        assert batch["pre_tokens"][r // 3, -(len(head) - 1) :].tolist() == head[:-1] and batch["pre_len"][r // 3] == len(head) - 1
+        assert batch["cont_tokens"][r, : len(smp)].tolist() == [head[-1]] + smp[:-1]
+        assert batch["targets"][r, : len(smp)].tolist() == smp
+        assert batch["mask"][r].tolist() == [1.0] * len(smp) + [0.0] * (batch["mask"].shape[1] - len(smp))
+    assert not batch["mask"][n_real:].any()  # padded candidates
+    adv = np.asarray(group_advantages(batch["rewards"], 3, "grpo"))
+
+    def objective_grad(exact):
+        obj = estep_objective(
+            mcfg, G=3, advantage="grpo", kl_coef=0.0, kl_estimator="k3", aggregation="token", exact=exact, chunk=8
+        )
+        rows, norm, _ = obj.prepare(batch, params)
+        return jax.value_and_grad(lambda p: obj.loss(p, rows, norm, params)[0])(params)
+
+    def reinforce(p):
+        total, n = 0.0, 0
+        for r in range(n_real):
+            c, smp = cands[r // 3], samples[r]
+            seq = jnp.asarray(c.prompt + c.forced + smp, jnp.int32)[None]
+            logits, _ = forward(p, seq[:, :-1], jnp.arange(seq.shape[1] - 1)[None], mcfg)
+            lp = jnp.take_along_axis(jax.nn.log_softmax(logits[0]), seq[0, 1:, None], -1)[:, 0]
+            total = total - adv[r] * lp[-len(smp) :].sum()
+            n += len(smp)
+        return total / n
+
+    (loss_exact, g_obj), (loss_cached, g_cached) = objective_grad(True), objective_grad(False)
+    g_ref = jax.grad(reinforce)(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), g_obj, g_ref)
+    n_tok = sum(len(x) for x in samples)  # on-policy the surrogate's value is -sum_r A_r |s_r| / n (ratio 1)
+    surrogate = -sum(adv[r] * len(samples[r]) for r in range(n_real)) / n_tok
+    np.testing.assert_allclose([loss_exact, loss_cached], [surrogate, surrogate], rtol=1e-5, atol=1e-6)
+    # the default (prefix cache held constant) drops the gradient through the prefix: the embedding rows of
+    # prompt-only tokens get none, while the exact gradient moves them
+    diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g_obj, g_cached)
+    assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+def test_switch_cost():
     assert switch_cost(0.5) == 0.0 and switch_cost(1.0) == math.inf
     np.testing.assert_allclose(switch_cost(0.9), math.log(9.0))
-    np.testing.assert_allclose(log_prior([False, True], [0.0, -3.0], 0.9), [math.log(0.9), math.log(0.1) - 3.0])
     with pytest.raises(ValueError):
         switch_cost(0.0)
+    np.testing.assert_allclose(iwae_bound([-3.0, -1.0], [-1.0, -1.0]), math.log((math.exp(-2) + 1) / 2), rtol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------- whole runs
@@ -274,7 +349,8 @@ def test_alpha_one_is_exactly_the_ntp_baseline(tmp_path, spm_tokenizer, tfds_dir
         assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(ra, rb))
     pa, pb = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
-    np.testing.assert_allclose(a["eval/ntp_ll_per_code_token"], b["eval/ntp_ll_per_code_token"], rtol=1e-6)
+    np.testing.assert_allclose(a["eval/ntp_nats_per_byte"], b["eval/ntp_nats_per_byte"], rtol=1e-6)
+    assert a["eval/bound_nats_per_byte"] == a["eval/ntp_nats_per_byte"]  # no latent: the bound is NTP exactly
     assert a["step"] == b["step"] == 8
 
 
@@ -290,7 +366,9 @@ def _run_cli(out, spm_tokenizer, tfds_dir, fault=None):
         "midtrain-ra3",
         "-c",
         os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"),
-        *_ra3_overrides(out, spm_tokenizer, tfds_dir, "ra3.alpha=0.6"),
+        # lambda_z = 0 (the usefulness reward): the random model's rationales cost ~50 nats of their own, so with
+        # lambda_z = 1 nothing would be accepted and the E-step state would not matter to the result
+        *_ra3_overrides(out, spm_tokenizer, tfds_dir, "ra3.alpha=0.6", "ra3.lambda_z=0"),
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -313,7 +391,7 @@ def test_resume_after_sigkill_in_estep_and_mstep(tmp_path, spm_tokenizer, tfds_d
     for k in range(2):
         rs, rk = read_records(tmp_path / "s" / f"iter_{k}" / "bootstrap"), read_records(out / f"iter_{k}" / "bootstrap")
         assert [r.text for r in rs] == [r.text for r in rk]
-    assert sum(r.n_latents for r in rs) > 0  # alpha = 0.6 accepts latents, so the E-step state mattered
+    assert sum(r.n_latents for r in rs) > 0  # latents were accepted, so the E-step state mattered
     jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "s"), _final_params(out))
 
 
@@ -321,10 +399,9 @@ def test_resume_after_sigkill_in_estep_and_mstep(tmp_path, spm_tokenizer, tfds_d
 def test_synthetic_hidden_plan_estep_discovers_plans(tmp_path, tfds_dir):
     """A tiny model pretrained on programs generated from hidden plans (90% of them state the plan in a comment,
     as real code states intent) is RA3-mid-trained on comment-free programs. Checked: the E-step raises the mean
-    reward from its first to its last batch; accepted rationales name the program's TRUE plan far above chance
+    gain from its first to its last batch; accepted rationales name the program's TRUE plan far above chance
     (1/8 within the family); latents chosen by the procedure already give the starting model a better held-out
-    ELBO than its NTP log-likelihood; and the M-step raises the held-out ELBO.
-    (Measured but NOT met here: the held-out ELBO beating a compute-matched NTP baseline; see docs/RA3.md.)"""
+    bound per byte than its NTP log-likelihood; and the M-step raises the held-out bound."""
     import re
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -394,7 +471,6 @@ def test_synthetic_hidden_plan_estep_discovers_plans(tmp_path, tfds_dir):
                 "policy.group_size=8",
                 "ra3.max_latent_tokens=8",
                 "ra3.horizon_steps=1",
-                "ra3.context_tokens=64",
                 "ra3.alpha=0.7",
                 "ra3.estep_batch_docs=16",
                 "ra3.estep_lr=1e-4",
@@ -406,9 +482,11 @@ def test_synthetic_hidden_plan_estep_discovers_plans(tmp_path, tfds_dir):
             ],
         )
     )
+    print("synthetic:", {k: round(v, 4) for k, v in res.items() if "gain" in k or "bound" in k or "ntp" in k or "lp" in k})
     assert res["estep/last_batch_gain"] > res["estep/first_batch_gain"] + 1.0, res
-    assert res["eval/elbo_per_code_token@start"] > res["eval/ntp_ll_per_code_token@start"], res
-    assert res["eval/elbo_per_code_token"] > res["eval/elbo_per_code_token@start"] + 0.1, res
+    # the selected latents already give the starting model a better held-out bound than its NTP likelihood
+    assert res["eval/bound_nats_per_byte@start"] > res["eval/ntp_nats_per_byte@start"], res
+    assert res["eval/bound_nats_per_byte"] > res["eval/bound_nats_per_byte@start"], res  # and the M-step raises it
 
     def true_plan(text):
         fam = FAMILIES.index(re.search(r"def f_(\w+)\(", text).group(1))
@@ -419,5 +497,5 @@ def test_synthetic_hidden_plan_estep_discovers_plans(tmp_path, tfds_dir):
     with_latents = [r for r in read_records(run / "iter_0" / "bootstrap") if r.n_latents]
     assert len(with_latents) >= 20
     correct = sum((re.findall(r"# thought: plan (\w+)", r.text) or [""])[-1] == true_plan(r.text) for r in with_latents)
-    print("synthetic:", {k: v for k, v in res.items() if "gain" in k or "elbo" in k or "ntp" in k}, correct, len(with_latents))
+    print("synthetic: accepted latents naming the true plan", correct, "of", len(with_latents))
     assert correct / len(with_latents) > 0.4, (correct, len(with_latents))

@@ -1,8 +1,11 @@
-"""RA3 documents: code files cut at step boundaries, and documents with latents inserted (host data).
+"""RA3 documents (formulation v2, docs/RA3.md): code files cut at step boundaries, and documents with latents.
 
-A document's token sequence is ``[start] + z_1? + a_1 + z_2? + a_2 + ... + [eos]``: each step a_t is tokenized
-separately, so inserting a latent never changes the tokens of the code. A latent is a rationale rendered as one
-Python comment line (``<indent><marker> <text>``), so a document with latents stays valid Python.
+A latent at boundary t (before step a_t) is a rationale rendered as one Python comment line
+``<indent of a_t><marker><body>\\n``, so a document with latents stays valid Python. ``render(doc, latents)`` is
+the document's text with its latents inserted; its token sequence is ``[start] + encode(render) + [eos]``,
+tokenized WHOLE (the canonical tokenization, exactly what the model reads and writes at generation time): the
+M-step trains on it, the E-step scores it and the bound evaluates it. ``start`` is BOS (or EOS when the
+tokenizer has no BOS) and appears once, at the start of a document.
 """
 
 from __future__ import annotations
@@ -18,37 +21,40 @@ from ra3_jax.data.boundaries import find_boundaries, indentation, split_steps
 @dataclasses.dataclass
 class Document:
     doc_id: str
-    steps: list[list[int]]  # tokens of each step a_t
-    texts: list[str]
+    texts: list[str]  # the steps a_1..a_T (each ends with a newline, except maybe the last)
     indents: list[str]
 
     @property
     def num_steps(self) -> int:
-        return len(self.steps)
+        return len(self.texts)
 
     @property
-    def code_tokens(self) -> int:
-        return sum(len(s) for s in self.steps)
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    @property
+    def code_bytes(self) -> int:
+        """UTF-8 bytes of the code: the unit of the per-byte bound."""
+        return len(self.text.encode("utf-8"))
 
 
 def make_documents(text: str, source_id: str, tokenizer, r) -> list[Document]:
-    """Cut a file at step boundaries into documents of at most ``r.max_doc_tokens`` code tokens."""
+    """Cut a file at step boundaries into documents of at most ``r.max_doc_tokens`` code tokens (counted step
+    by step, an estimate of the whole-document count)."""
     steps = split_steps(text, find_boundaries(text, r.granularity, r.every_k, r.max_depth))
-    toks = tokenizer.encode_batch(steps)
+    sizes = [len(t) for t in tokenizer.encode_batch(steps)]
     docs, cur, n = [], [], 0
 
     def flush():
-        if cur and any(t for _, t in cur) and any(s.strip() for s, _ in cur):
-            docs.append(
-                Document(f"{source_id}#{len(docs)}", [t for _, t in cur], [s for s, _ in cur], [indentation(s) for s, _ in cur])
-            )
+        if cur and any(s.strip() for s in cur):
+            docs.append(Document(f"{source_id}#{len(docs)}", list(cur), [indentation(s) for s in cur]))
 
-    for s, t in zip(steps, toks):
-        if cur and n + len(t) > r.max_doc_tokens:
+    for s, k in zip(steps, sizes):
+        if cur and n + k > r.max_doc_tokens:
             flush()
             cur, n = [], 0
-        cur.append((s, list(t)))
-        n += len(t)
+        cur.append(s)
+        n += k
     flush()
     return docs
 
@@ -71,34 +77,103 @@ def start_id(tokenizer) -> int:
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
 
 
-def doc_sequence(doc: Document, latents: dict, tokenizer, upto: int | None = None):
-    """Token sequence of ``doc`` with ``latents`` ({step: {"tokens", "text"}}) inserted.
-
-    Returns (tokens, latent_mask); ``upto`` = stop before step ``upto`` (a prompt prefix; no eos then).
-    """
-    toks, mask = [start_id(tokenizer)], [0]
-    end = doc.num_steps if upto is None else upto
-    for t in range(end):
-        z = latents.get(t)
-        if z is not None:
-            toks += z["tokens"]
-            mask += [1] * len(z["tokens"])
-        toks += doc.steps[t]
-        mask += [0] * len(doc.steps[t])
-    if upto is None:
-        toks.append(tokenizer.eos_id)
-        mask.append(0)
-    return toks, mask
-
-
-def doc_text(doc: Document, latents: dict) -> str:
-    return "".join((latents[t]["text"] if t in latents else "") + doc.texts[t] for t in range(doc.num_steps))
-
-
 def render_latent(indent: str, marker: str, body: str) -> str:
-    """A rationale as one Python comment line (the document stays valid Python)."""
+    """A rationale as one Python comment line (the document stays valid Python): the body up to its first
+    line break, trailing whitespace dropped."""
     body = body.split("\n", 1)[0].replace("\r", "")
     return f"{indent}{marker}{body.rstrip()}\n"
+
+
+def render(doc: Document, latents: dict, upto: int | None = None) -> str:
+    """The text of ``doc`` with ``latents`` ({step: {"text": comment line, ...}}) inserted before their steps;
+    ``upto``: only the steps before ``upto`` (a prefix, ending right at boundary ``upto``)."""
+    end = doc.num_steps if upto is None else upto
+    return "".join((latents[t]["text"] if t in latents else "") + doc.texts[t] for t in range(end))
+
+
+def encode_text(text: str, tokenizer) -> list[int]:
+    """``[start] + encode(text)``: the canonical tokens of a document prefix (no eos; one start token even when
+    the tokenizer adds a BOS itself)."""
+    ids = list(tokenizer.encode(text))
+    if getattr(tokenizer, "add_bos", False) and ids and ids[0] == tokenizer.bos_id:
+        ids = ids[1:]
+    return [start_id(tokenizer)] + ids
+
+
+def doc_sequence(doc: Document, latents: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """(tokens, latent_mask) of the whole document with its latents: ``[start] + encode(render) + [eos]``; the
+    mask marks tokens that start inside a latent line (for the M-step's ``mask_latents`` ablation)."""
+    text = render(doc, latents)
+    toks = encode_text(text, tokenizer) + [tokenizer.eos_id]
+    lat_spans, pos = [], 0
+    for t in range(doc.num_steps):
+        if t in latents:
+            n = len(latents[t]["text"].encode("utf-8"))
+            lat_spans.append((pos, pos + n))
+            pos += n
+        pos += len(doc.texts[t].encode("utf-8"))
+    return toks, latent_token_mask(toks, lat_spans, tokenizer)
+
+
+def latent_token_mask(toks: list[int], spans: list[tuple[int, int]], tokenizer) -> list[int]:
+    """1 for tokens whose first byte lies in one of the byte ``spans`` of the text (start and eos tokens: 0)."""
+    if not spans:
+        return [0] * len(toks)
+    lengths = tokenizer.token_bytes()
+    mask, pos = [0], 0
+    for tok in toks[1:-1]:
+        mask.append(int(any(lo <= pos < hi for lo, hi in spans)))
+        pos += int(lengths[tok])
+    return mask + [0]
+
+
+def encode_texts(texts: list[str], tokenizer) -> list[list[int]]:
+    """``encode_text`` of many texts in one tokenizer call."""
+    start, strip = start_id(tokenizer), getattr(tokenizer, "add_bos", False)
+    out = []
+    for ids in tokenizer.encode_batch(list(texts)):
+        ids = list(ids)
+        out.append([start] + (ids[1:] if strip and ids and ids[0] == tokenizer.bos_id else ids))
+    return out
+
+
+def common_prefix_len(seqs: list[list[int]]) -> int:
+    """Length of the longest common prefix of token sequences."""
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+@dataclasses.dataclass
+class ScoringRows:
+    """Canonical token rows that score one candidate boundary: ``latent[g]`` = start + prefix + z_g + horizon,
+    ``cont`` = start + prefix + horizon (each tokenized whole, eos appended when the horizon ends the document).
+    Tokens ``[shared:]`` of every row are scored (the rows agree before ``shared``); in latent row g, tokens
+    ``[shared:lp_end[g]]`` are the rationale's own (LP: the tokens shared with the tokenization of prefix + z_g)
+    and the rest is the horizon (LL)."""
+
+    latent: list[list[int]]
+    cont: list[int]
+    shared: int
+    lp_end: list[int]
+
+
+def scoring_rows(prefix: str, latent_lines: list[str], horizon: str, tokenizer, *, ends_document: bool) -> ScoringRows:
+    eos = [tokenizer.eos_id] if ends_document else []
+    G = len(latent_lines)
+    texts = [prefix + z + horizon for z in latent_lines] + [prefix + horizon] + [prefix + z for z in latent_lines]
+    enc = encode_texts(texts, tokenizer)
+    latent, cont, pz = [r + eos for r in enc[:G]], enc[G] + eos, enc[G + 1 :]
+    shared = min(common_prefix_len(latent + [cont]), min(len(r) for r in latent + [cont]) - 1)
+    lp_end = [max(shared, min(common_prefix_len([pz[g], latent[g]]), len(latent[g]))) for g in range(G)]
+    return ScoringRows(latent, cont, shared, lp_end)
+
+
+def span_mask(length: int, lo: int, hi: int) -> list[int]:
+    """A token mask of ``length`` with ones on tokens ``lo .. hi - 1``."""
+    return [0] * lo + [1] * (hi - lo) + [0] * (length - hi)
 
 
 def iteration_docs(all_docs: list[Document], docs_per_iteration: int, k: int) -> list[Document]:
@@ -111,11 +186,11 @@ def iteration_docs(all_docs: list[Document], docs_per_iteration: int, k: int) ->
 
 
 def bootstrap_records(docs, latents, tokenizer, k: int, source_step: int) -> list[BootstrapRecord]:
-    """The bootstrap corpus of iteration k: every document with its accepted latents."""
+    """The bootstrap corpus of iteration k: every document with its accepted latents, tokenized whole."""
     recs = []
     for d, doc in enumerate(docs):
         lat = latents.get(d, {})
         toks, mask = doc_sequence(doc, lat, tokenizer)
         tok_arr, mask_arr = np.asarray(toks, np.int32), np.asarray(mask, np.int8)
-        recs.append(BootstrapRecord(tok_arr, mask_arr, doc_text(doc, lat), doc.doc_id, k, source_step, len(lat)))
+        recs.append(BootstrapRecord(tok_arr, mask_arr, render(doc, lat), doc.doc_id, k, source_step, len(lat)))
     return recs

@@ -1,12 +1,14 @@
-"""Terms of RA3's sequential ELBO (see docs/RA3.md).
+"""RA3's bound (formulation v2, docs/RA3.md): the LM itself is the latent-variable model of code,
 
-    log p(x) >= E_q [ sum_t log p_theta(a_t | s_t, z_<=t) - KL_t ],
-    KL_t = log q(z_t | s_t) - log p_0(z_t | s_t),
-    p_0(CONTINUE) = alpha,   p_0(r) = (1 - alpha) * p_ref(r | s_t).
+    p_latent(x) = sum_z p_theta(render(x, z))  >=  p_theta(render(x, z*))  for any selected path z*,
 
-So starting a new latent costs c = log(alpha / (1 - alpha)) nats relative to continuing. With q a point mass
-on one latent path z (what the E-step's selection produces), the bound is log p(x, z) = sum_t [log p_0(z_t) +
-log p_theta(a_t | ...)], which is what :func:`path_log_joint` computes.
+so the selected path's log-likelihood is a lower bound (the all-CONTINUE path gives log p_theta(x) exactly), and
+for a proposal q with computable log q the importance-weighted bound with K paths z_k ~ q is
+
+    log p_latent(x) >= E[ log (1/K) sum_k p_theta(render(x, z_k)) / q(z_k | x) ]   (tighter as K grows).
+
+Starting a rationale costs the switching penalty c = log(alpha / (1 - alpha)) in the E-step's reward and
+selection (c -> inf: no rationale is ever accepted and RA3 is plain NTP).
 """
 
 from __future__ import annotations
@@ -23,29 +25,15 @@ def switch_cost(alpha: float) -> float:
     return math.inf if alpha == 1.0 else math.log(alpha / (1.0 - alpha))
 
 
-def log_prior(is_latent, logp_ref_latent, alpha: float):
-    """log p_0(z_t): log(alpha) for CONTINUE, log(1 - alpha) + log p_ref(r) for a rationale r."""
-    is_latent = np.asarray(is_latent, bool)
-    log_a = math.log(alpha)
-    log_1ma = math.log1p(-alpha) if alpha < 1.0 else -math.inf
-    with np.errstate(invalid="ignore"):
-        return np.where(is_latent, log_1ma + np.asarray(logp_ref_latent, np.float64), log_a)
-
-
-def path_log_joint(code_ll, is_latent, logp_ref_latent, alpha: float) -> float:
-    """log p(x, z) of one latent path: sum over boundaries t of log p_0(z_t) + the code log-likelihood.
-
-    code_ll: total log p_theta of the code tokens given the interleaved sequence; is_latent [T] bool;
-    logp_ref_latent [T] (ignored where not a latent).
-    """
-    return float(code_ll) + float(np.sum(log_prior(is_latent, logp_ref_latent, alpha)))
+def iwae_bound(log_p, log_q) -> float:
+    """log (1/K) sum_k exp(log_p[k] - log_q[k]): the importance-weighted bound of K sampled paths."""
+    w = np.asarray(log_p, np.float64) - np.asarray(log_q, np.float64)
+    m = float(np.max(w))
+    return m + math.log(float(np.mean(np.exp(w - m))))
 
 
 def elbo_estimate(log_joint, log_q) -> float:
-    """Monte Carlo / exact-expectation ELBO: mean over samples z ~ q of log p(x, z) - log q(z).
-
-    Pass weights through repeated samples, or use :func:`elbo_expectation` for an enumerated q.
-    """
+    """Monte Carlo ELBO: mean over samples z ~ q of log p(x, z) - log q(z) (the K = 1 importance bound)."""
     lj, lq = np.asarray(log_joint, np.float64), np.asarray(log_q, np.float64)
     return float(np.mean(lj - lq))
 

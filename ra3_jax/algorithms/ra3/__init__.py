@@ -1,15 +1,15 @@
 """RA3 (Reasoning as Action Abstractions) mid-training: EM over latent rationales (docs/RA3.md).
 
 Modules, in the order one EM iteration runs them: ``em`` (orchestration: E-step -> bootstrap -> M-step -> bound),
-``estep`` (candidate rounds per batch of documents), ``proposer`` (propose / score / update / select one round),
-``steps`` (the jitted device steps), ``bound`` (the held-out ELBO). Documents live in ``ra3_jax/data/documents.py``.
+``estep`` (one candidate round: propose / score / update / select, and its device steps), ``bound`` (the held-out
+bound per byte). Documents live in ``ra3_jax/data/documents.py``.
 """
 
 from ra3_jax.data.documents import Document, doc_sequence, make_documents, start_id, take_documents
 
-from .bound import evaluate_elbo, path_terms
-from .em import midtrain_ra3
-from .estep import Candidate, LatentProposer, candidate_rounds, run_estep
+from .bound import evaluate_bound, path_log_likelihoods
+from .em import midtrain_ra3, run_estep
+from .estep import Candidate, LatentProposer, candidate_rounds
 
 __all__ = [
     "Candidate",
@@ -17,10 +17,10 @@ __all__ = [
     "LatentProposer",
     "candidate_rounds",
     "doc_sequence",
-    "evaluate_elbo",
+    "evaluate_bound",
     "make_documents",
     "midtrain_ra3",
-    "path_terms",
+    "path_log_likelihoods",
     "run_estep",
     "start_id",
     "take_documents",

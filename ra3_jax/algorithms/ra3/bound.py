@@ -1,38 +1,17 @@
-"""The RA3 held-out bound: latents chosen by the E-step's propose-score-select procedure (theta as policy) and
-the sequential ELBO of the documents with them, next to the exact NTP log-likelihood of the same documents."""
+"""The RA3 held-out bound per byte of code (formulation v2): latents chosen on held-out documents by the E-step's
+propose-score-select rule with theta as the policy, then log p_theta(render(x, z*)) of each document, tokenized
+whole, next to the same model's NTP log-likelihood log p_theta(x); both in nats (and bits) per UTF-8 byte of x."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import numpy as np
 
 from ra3_jax.data.documents import Document, doc_sequence
-from ra3_jax.objectives.elbo import log_prior
 
 from .estep import LatentProposer, candidate_rounds
-
-
-def path_terms(lp_y: np.ndarray, doc: Document, lat: dict) -> tuple[float, np.ndarray, np.ndarray]:
-    """Split the teacher-forced log-probs of one document-with-latents sequence into its ELBO terms.
-
-    lp_y[j] = log p(y[j+1] | y[<=j]) for y = doc_sequence(doc, lat). Returns (code log-likelihood including the
-    eos, is_latent [T], log p_ref(z_t | s_t) [T] (0 where no latent)).
-    """
-    is_lat = np.array([t in lat for t in range(doc.num_steps)], bool)
-    ref = np.zeros(doc.num_steps)
-    code_ll, pos = 0.0, 0  # pos = index into lp_y of the next token's prediction
-    for t in range(doc.num_steps):
-        if t in lat:
-            n = len(lat[t]["tokens"])
-            ref[t] = float(np.sum(lp_y[pos : pos + n]))
-            pos += n
-        n = len(doc.steps[t])
-        code_ll += float(np.sum(lp_y[pos : pos + n]))
-        pos += n
-    code_ll += float(lp_y[pos])  # eos
-    if pos + 1 != len(lp_y):
-        raise AssertionError(f"sequence/latent bookkeeping mismatch: {pos + 1} != {len(lp_y)}")
-    return code_ll, is_lat, ref
 
 
 def select_eval_latents(proposer: LatentProposer, params, docs: list[Document], seed: int) -> dict:
@@ -50,31 +29,26 @@ def select_eval_latents(proposer: LatentProposer, params, docs: list[Document], 
     return latents
 
 
-def evaluate_elbo(proposer: LatentProposer, params, docs: list[Document], *, seed: int) -> dict:
-    """Held-out ELBO per code token with latents from propose-score-select (theta as policy), and the exact
-    NTP log-likelihood of the same documents without latents (both nats per code token; code = steps + eos)."""
+def path_log_likelihoods(proposer: LatentProposer, params, docs: list[Document], latents: dict) -> np.ndarray:
+    """log p_theta([start] + encode(render(x, z)) + [eos]) of each document with its latents (nats)."""
+    seqs = [doc_sequence(doc, latents.get(d, {}), proposer.tokenizer)[0] for d, doc in enumerate(docs)]
+    return np.array([float(lp.sum()) for lp in proposer.sequence_logprobs(params, seqs)])
+
+
+def evaluate_bound(proposer: LatentProposer, params, docs: list[Document], *, seed: int) -> dict:
+    """Held-out bound and NTP log-likelihood per byte (nats and bits), latent rate and mean latent length."""
     latents = select_eval_latents(proposer, params, docs, seed)
-    seq_y, masks, seq_x = [], [], []
-    for d, doc in enumerate(docs):
-        y, m = doc_sequence(doc, latents.get(d, {}), proposer.tokenizer)
-        seq_y.append(y)
-        masks.append(np.asarray(m[1:], bool))
-        seq_x.append(doc_sequence(doc, {}, proposer.tokenizer)[0])
-    lp_y = proposer.sequence_logprobs(params, seq_y)
-    lp_x = proposer.sequence_logprobs(params, seq_x)
-    elbo, ntp, ncode, nlat, nbound, lat_tok = 0.0, 0.0, 0, 0, 0, 0
-    for d, doc in enumerate(docs):
-        code_ll, is_lat, ref = path_terms(lp_y[d], doc, latents.get(d, {}))
-        elbo += code_ll + float(np.sum(log_prior(is_lat, ref, proposer.r.alpha)))
-        ntp += float(lp_x[d].sum())
-        ncode += doc.code_tokens + 1
-        nlat += int(is_lat.sum())
-        nbound += doc.num_steps
-        lat_tok += int(masks[d].sum())
+    bound = path_log_likelihoods(proposer, params, docs, latents)
+    ntp = path_log_likelihoods(proposer, params, docs, {})
+    nbytes = sum(doc.code_bytes for doc in docs)
+    n_lat = sum(len(latents.get(d, {})) for d in range(len(docs)))
+    lat_chars = sum(len(z["text"]) for lat in latents.values() for z in lat.values())
     return {
-        "eval/elbo_per_code_token": elbo / ncode,
-        "eval/ntp_ll_per_code_token": ntp / ncode,
-        "eval/latent_rate": nlat / max(nbound, 1),
-        "eval/mean_latent_tokens": lat_tok / max(nlat, 1),
-        "eval/code_tokens": float(ncode),
+        "eval/bound_nats_per_byte": float(bound.sum()) / nbytes,
+        "eval/ntp_nats_per_byte": float(ntp.sum()) / nbytes,
+        "eval/bound_bits_per_byte": float(bound.sum()) / nbytes / math.log(2),
+        "eval/ntp_bits_per_byte": float(ntp.sum()) / nbytes / math.log(2),
+        "eval/latent_rate": n_lat / max(sum(doc.num_steps for doc in docs), 1),
+        "eval/mean_latent_chars": lat_chars / max(n_lat, 1),
+        "eval/code_bytes": float(nbytes),
     }

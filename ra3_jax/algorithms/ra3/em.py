@@ -6,7 +6,8 @@ One EM iteration k:
   Bootstrap  documents with their accepted latents -> ArrayRecord shard with lineage (data/bootstrap.py).
   M-step     next-token training of theta on the bootstrap corpus: ``train.ntp.ntp_steps`` (the NTP loop and
              step); the M-steps of all iterations form one continuous run (one optimizer state, one LR schedule).
-  Eval       held-out ELBO per code token and the exact NTP log-likelihood of the same documents (``bound``).
+  Eval       held-out bound per byte (the selected path's log-likelihood, tokenized whole) next to the exact
+             NTP log-likelihood of the same documents, nats and bits per byte (``bound``).
 
 Layout of ``train.out_dir``: ``checkpoints/`` (theta's TrainState + M-step data-iterator state, step = global
 M-step), ``iter_<k>/estep/`` (policy state + latents accepted so far, step = E-step batch),
@@ -32,13 +33,13 @@ from ra3_jax.errors import TrainingError
 from ra3_jax.train.checkpoint import RunCheckpointer
 from ra3_jax.train.context import RunContext, build_run_context
 from ra3_jax.train.data_state import process_split_kwargs, restore_data_state
-from ra3_jax.train.loop import MetricsWriter, append_jsonl, is_main_process, read_jsonl, truncate_jsonl
+from ra3_jax.train.loop import Loop, MetricsWriter, append_jsonl, is_main_process, read_jsonl, run_loop, truncate_jsonl
 from ra3_jax.train.ntp import check_batch, ntp_steps
 from ra3_jax.train.state import TrainState, abstract_state, create_state, learning_rate_schedule, make_optimizer, state_shardings
 from ra3_jax.train.step import jit_train_step
 
-from .bound import evaluate_elbo
-from .estep import LatentProposer, run_estep
+from .bound import evaluate_bound
+from .estep import LatentProposer, candidate_rounds
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def start_eval(run: EMRun, state: TrainState, g: int) -> dict:
     """The held-out bound of the starting model (iteration -1 of ra3_metrics.jsonl), computed once per run."""
     rows = read_jsonl(run.em_log)
     if g == 0 and not any(row["iteration"] == -1 for row in rows):
-        ev = evaluate_elbo(run.proposer, state.params, run.eval_docs, seed=run.cfg.train.seed + 99)
+        ev = evaluate_bound(run.proposer, state.params, run.eval_docs, seed=run.cfg.train.seed + 99)
         append_jsonl(run.em_log, {"iteration": -1, **ev})
         return {f"{k}@start": v for k, v in ev.items()}
     if rows and rows[0]["iteration"] == -1:
@@ -159,7 +160,7 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
     tx = make_optimizer(cfg.optim, total_steps)
     step_fn = jit_train_step(ctx.model_cfg, tx, cfg.optim.grad_accum, ctx.mesh, state_shardings(ctx.model_cfg, tx, ctx.mesh))
     proposer = LatentProposer(cfg, ctx.model_cfg, ctx.tokenizer, ctx.mesh)
-    g, data_state, params = ctx.ckpt.latest_step() or 0, None, ctx.take_params()
+    g, data_state, params = ctx.ckpt.pick_step(cfg.train.resume_step) or 0, None, ctx.take_params()
     if g:
         state, data_state, _ = ctx.ckpt.restore(g, abstract_state(ctx.model_cfg, tx, ctx.mesh))
     else:
@@ -186,7 +187,7 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
             state, last = mstep_stage(run, state, k, g, data_state)
             data_state, g = None, int(jax.device_get(state.step))
             m_seconds = time.perf_counter() - t_m
-            ev = evaluate_elbo(proposer, state.params, eval_docs, seed=cfg.train.seed + 99)
+            ev = evaluate_bound(proposer, state.params, eval_docs, seed=cfg.train.seed + 99)
             row = {"iteration": k, **iteration_metrics(stats, iteration_docs(all_docs, r.docs_per_iteration, k))}
             row["mstep/loss"] = last.get("loss", float("nan"))
             row["mstep/tokens_per_s"] = (r.mstep_steps * cfg.data.batch_size * cfg.data.seq_len) / max(m_seconds, 1e-9)
@@ -201,6 +202,81 @@ def midtrain_ra3(cfg: RunConfig) -> dict:
     return summary
 
 
+# -------------------------------------------------------------------------------------------------- E-step
+def jsonable_latents(latents: dict) -> dict:
+    return {str(d): {str(t): z for t, z in lat.items()} for d, lat in latents.items()}
+
+
+def load_latents(raw: dict) -> dict:
+    def one(z):
+        return {"text": z["text"], "score": float(z["score"]), "reward": float(z["reward"])}
+
+    return {int(d): {int(t): one(z) for t, z in lat.items()} for d, lat in raw.items()}
+
+
+def sum_stats(acc: dict, s: dict) -> dict:
+    for k, v in s.items():
+        acc[k] = acc.get(k, 0) + v
+    return acc
+
+
+@dataclasses.dataclass
+class EStepState:
+    policy: TrainState
+    latents: dict  # {doc index: {boundary: latent}}
+    stats: dict  # summed round statistics (+ per-batch mean gains)
+
+
+def run_estep(proposer: LatentProposer, model_params, docs: list[Document], k: int, it_dir: str, cfg: RunConfig):
+    """E-step of iteration k over ``docs``; resumable per batch. Returns (latents, stats, final policy params)."""
+    r = cfg.ra3
+    ckpt = RunCheckpointer(os.path.join(it_dir, "estep"), keep=2, async_save=cfg.train.async_checkpoints, resume_override=None)
+    B = r.estep_batch_docs
+    n_batches = -(-len(docs) // B)
+    start = ckpt.pick_step() or 0  # the latest step, checked (train.resume_step is for the M-step checkpoints)
+    if start:
+        policy, data, _ = ckpt.restore(start, proposer.abstract_policy())
+        st = EStepState(policy, load_latents(data["latents"]), dict(data["stats"]))
+        log.info("E-step %d resumed after batch %d/%d", k, start, n_batches)
+    else:
+        st = EStepState(proposer.init_policy(model_params), {}, {})
+    key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1000 + k)
+
+    def step(st: EStepState, b: int):  # loop step b = E-step batch b - 1
+        idx = list(range((b - 1) * B, min(b * B, len(docs))))
+        pg_loss = 0.0
+        for j, rnd in enumerate(candidate_rounds(docs, idx, r.candidates_per_doc, (cfg.train.seed, k))):
+            cands = [proposer.candidate(docs, d, t, st.latents.get(d, {})) for d, t in rnd]
+            rkey = jax.random.fold_in(key, (b - 1) * 1000 + j)
+            st.policy, s = proposer.run_round(cands, st.latents, rkey, policy_state=st.policy, model_params=model_params)
+            pg_loss += s.get("pg_loss", 0.0)
+            sum_stats(st.stats, s)
+            st.stats.setdefault("batch_gain_means", []).append(s["gain_sum"] / max(s["gain_count"], 1))
+        return st, {"pg_loss": pg_loss}
+
+    def save(st: EStepState, b: int):
+        ckpt.save(b, st.policy, {"latents": jsonable_latents(st.latents), "stats": st.stats}, {"iteration": k, "batch": b})
+
+    loop = Loop(
+        f"estep-{k}",
+        start,
+        n_batches,
+        it_dir,
+        ckpt_every=1,
+        progress=cfg.train.progress,
+        unit="batch",
+        save=save,
+        finite_keys=("pg_loss",),
+        nan_hint="Lower ra3.estep_lr.",
+        postfix=lambda m: {"acc": f"{st.stats.get('accepted', 0)}/{st.stats.get('candidates', 0)}"},
+    )
+    try:
+        st, _ = run_loop(loop, st, step)
+    finally:
+        ckpt.close()
+    return st.latents, st.stats, st.policy.params
+
+
 def iteration_metrics(stats: dict, docs: list[Document]) -> dict:
     bounds = sum(d.num_steps for d in docs)
     acc = stats.get("accepted", 0)
@@ -210,7 +286,8 @@ def iteration_metrics(stats: dict, docs: list[Document]) -> dict:
     return {
         "estep/latent_rate": acc / max(bounds, 1),
         "estep/accepted_fraction": acc / max(stats.get("candidates", 0), 1),
-        "estep/mean_latent_tokens": stats.get("latent_tokens", 0) / max(acc, 1),
+        "estep/mean_latent_chars": stats.get("latent_chars", 0) / max(acc, 1),
+        "estep/mean_lp": stats.get("lp_sum", 0.0) / max(stats.get("gain_count", 0), 1),
         "estep/mean_reward": stats["reward_sum"] / max(stats["reward_count"], 1) if stats.get("reward_count") else nan,
         "estep/mean_gain": stats.get("gain_sum", 0.0) / max(stats.get("gain_count", 0), 1),
         "estep/first_batch_gain": gm[0] if gm else nan,
@@ -221,9 +298,9 @@ def iteration_metrics(stats: dict, docs: list[Document]) -> dict:
 
 
 def final_policy_params(proposer: LatentProposer, it_dir: str):
-    ck = RunCheckpointer(os.path.join(it_dir, "estep"), async_save=False)
+    ck = RunCheckpointer(os.path.join(it_dir, "estep"), async_save=False, resume_override=None)
     try:
-        st, _, _ = ck.restore(ck.latest_step(), proposer.abstract_policy())
+        st, _, _ = ck.restore(ck.pick_step(), proposer.abstract_policy())
         return st.params
     finally:
         ck.close()
@@ -233,7 +310,7 @@ def read_estep_stats(it_dir: str) -> dict:
     d = os.path.join(it_dir, "estep")
     if not os.path.isdir(d):
         return {}
-    ck = RunCheckpointer(d, async_save=False)
+    ck = RunCheckpointer(d, async_save=False, resume_override=None)
     try:
         s = ck.latest_step()
         return {} if s is None else dict(ck.restore_data(s)["stats"])
