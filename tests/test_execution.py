@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import socket
+import sys
 import textwrap
 import threading
 import time
@@ -167,16 +168,17 @@ def test_filesystem_is_read_only_outside_the_work_dir(sandbox, tmp_path):
         sandbox,
         f"""
         import os, shutil
-        for fn in (lambda: open({str(outside)!r}, "w").write("x"),
-                   lambda: os.remove({str(victim)!r}),
-                   lambda: shutil.rmtree({str(tmp_path)!r}),
-                   lambda: open("/tmp/ra3_planted_{os.getpid()}", "w").write("x"),
-                   lambda: open({in_repo!r}, "w").write("x"),
-                   lambda: os.remove({os.path.abspath(__file__)!r})):
+        for name, fn in (("outside", lambda: open({str(outside)!r}, "w").write("x")),
+                         ("victim", lambda: os.remove({str(victim)!r})),
+                         ("rmtree", lambda: shutil.rmtree({str(tmp_path)!r})),
+                         ("tmp", lambda: open("/tmp/ra3_planted_{os.getpid()}", "w").write("x")),
+                         ("repo", lambda: open({in_repo!r}, "w").write("x")),
+                         ("self", lambda: os.remove({os.path.abspath(__file__)!r}))):
             try:
                 fn()
+                print(name, "ok")
             except OSError as e:
-                print(type(e).__name__)
+                print(name, type(e).__name__)
         open("inside.txt", "w").write("ok")   # its own directory is writable
         assert open("inside.txt").read() == "ok"
         """,
@@ -185,11 +187,167 @@ def test_filesystem_is_read_only_outside_the_work_dir(sandbox, tmp_path):
     assert victim.read_text() == "precious" and not outside.exists()
     assert not os.path.exists(f"/tmp/ra3_planted_{os.getpid()}")
     assert not os.path.exists(in_repo) and os.path.exists(__file__)
-    # /tmp is a private tmpfs (the test's tmp_path under it is invisible); the rest of the tree is read-only
-    # Every attempt failed (each printed an error); /tmp/ra3_planted_* either failed or landed in the job's own
-    # tmpfs (gone with it). Nothing of ours changed (checked above).
-    errs = r.stdout.split()
-    assert len(errs) in (4, 5) and all(e.endswith("Error") for e in errs), r.stdout
+    # The same outcome wherever the checkout (and the venv) lives: the test's files, the repo and the host's /tmp
+    # are not in the job's view at all; its /tmp is its own writable tmpfs (gone with it).
+    outcome = dict(line.split() for line in r.stdout.splitlines())
+    assert outcome.pop("tmp") == "ok", r.stdout
+    assert set(outcome) == {"outside", "victim", "rmtree", "repo", "self"}, r.stdout
+    assert all(e in ("FileNotFoundError", "PermissionError", "OSError") for e in outcome.values()), r.stdout
+
+
+def test_job_runs_unprivileged(sandbox):
+    r = run(
+        sandbox,
+        """
+        import json, os
+        caps = {k: int(v, 16) for k, v in (l.split(":") for l in open("/proc/self/status") if l.startswith("Cap"))}
+        print(json.dumps({"ids": [*os.getresuid(), *os.getresgid()], "groups": os.getgroups(), "caps": caps}))
+        """,
+    )
+    assert r.passed, r.stderr
+    seen = json.loads(r.stdout)
+    assert 0 not in seen["ids"] and 0 not in seen["groups"], seen
+    if os.getuid() == 0:
+        assert seen["ids"] == [65534] * 6 and seen["groups"] == [], seen  # nobody/nogroup, no supplementary
+    assert set(seen["caps"].values()) == {0}, seen  # effective, permitted, inheritable, bounding, ambient
+
+
+def _plant(path, text, mode):
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return str(path)
+
+
+def test_host_files_outside_the_allowed_roots_are_invisible(sandbox, tmp_path):
+    from .conftest import REPO
+
+    token, secret = secrets.token_hex(8), secrets.token_hex(8)  # in the file names; in the files
+    planted = [
+        _plant(tmp_path / "root_only.txt", secret, 0o600),
+        _plant(tmp_path / "world.txt", secret, 0o644),
+        _plant(f"/tmp/ra3_world_{token}.txt", secret, 0o644),  # world-readable, in a world-traversable dir
+    ]
+    for name, mode in (("world", 0o644), ("root_only", 0o600)):  # next to the checkout (other projects live there)
+        try:
+            planted.append(_plant(os.path.join(os.path.dirname(REPO), f".ra3_{name}_{token}.txt"), secret, mode))
+        except OSError:
+            pass  # that directory is not ours to write: the planted files above still count
+    existing = ["/etc/shadow", "/etc/gshadow", os.path.join(REPO, "pyproject.toml"), os.path.abspath(__file__)]
+    try:
+        r = run(
+            sandbox,
+            f"""
+            import os
+            for path in {planted + existing!r}:
+                try:
+                    print(path, "READ", open(path).read())
+                except OSError as e:
+                    print(path, type(e).__name__)
+            print("ROOT", ",".join(sorted(os.listdir("/"))))
+            print("ETC", ",".join(sorted(os.listdir("/etc"))))
+            """,
+        )
+    finally:
+        for path in planted[2:]:
+            os.remove(path)
+    assert r.passed, r.stderr
+    assert secret not in r.stdout and "READ" not in r.stdout, r.stdout
+    lines = r.stdout.splitlines()
+    outcome = dict(line.split() for line in lines[:-2])
+    assert set(outcome) == set(planted + existing), r.stdout
+    assert set(outcome.values()) <= {"FileNotFoundError", "PermissionError"}, r.stdout
+    # the whole top level: system dirs, tmp and the first component of the interpreter's prefixes
+    allowed = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev", "proc", "tmp", "var"}
+    allowed |= {os.path.realpath(p).split("/")[1] for p in (sys.prefix, sys.base_prefix)}
+    assert set(lines[-2].removeprefix("ROOT ").split(",")) <= allowed, lines[-2]
+    etc = set(lines[-1].removeprefix("ETC ").split(","))
+    assert {"passwd", "group"} <= etc and not etc & {"shadow", "gshadow", "sudoers", "ssh"}, etc
+
+
+def test_home_cwd_and_tmp_are_private_and_writable(sandbox):
+    token = secrets.token_hex(8)
+    host_tmp = _plant(f"/tmp/ra3_host_{token}.txt", token, 0o644)
+    try:
+        r = run(
+            sandbox,
+            f"""
+            import json, os
+            open("rel.txt", "w").write("a")
+            open(os.path.join(os.environ["HOME"], "h.txt"), "w").write("b")
+            open("/tmp/ra3_job_{token}.txt", "w").write("c")
+            print(json.dumps({{
+                "home": os.environ["HOME"], "cwd": os.getcwd(), "tilde": os.path.expanduser("~"),
+                "rel": open(os.path.abspath("rel.txt")).read(),
+                "h": open(os.path.join(os.getcwd(), "h.txt")).read(),
+                "tmp": open("/tmp/ra3_job_{token}.txt").read(),
+                "host_tmp_seen": os.path.exists({host_tmp!r}), "tmp_listing": os.listdir("/tmp"),
+            }}))
+            """,
+        )
+    finally:
+        os.remove(host_tmp)
+    assert r.passed, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["home"] == seen["cwd"] == seen["tilde"] and os.path.isabs(seen["cwd"]), seen
+    assert (seen["rel"], seen["h"], seen["tmp"]) == ("a", "b", "c"), seen
+    assert not seen["host_tmp_seen"] and f"ra3_host_{token}.txt" not in seen["tmp_listing"], seen
+    assert not os.path.exists(f"/tmp/ra3_job_{token}.txt")  # the job's /tmp was its own
+    assert not os.path.exists(seen["cwd"])  # and its work dir is gone with it
+
+
+def test_work_dir_outside_tmp():
+    """Work dirs under /var/tmp (a symlink to /tmp in the job's root, unless a work dir lies below it) get the
+    same view, and building it creates nothing on the host."""
+    import shutil
+    import tempfile
+
+    if not os.path.isdir("/var/tmp"):
+        pytest.skip("no /var/tmp here")
+    base = tempfile.mkdtemp(prefix="ra3-test-", dir="/var/tmp")
+    try:
+        sb = Sandbox(FAST, workers=1, base_dir=base)
+        r = run(sb, "import os\nopen('a', 'w').write('x')\nprint(os.getcwd(), os.path.exists(os.path.abspath('a')))")
+        sb.close()
+        assert r.passed, r.stderr
+        cwd, found = r.stdout.split()
+        assert cwd.startswith(os.path.realpath(base) + "/ra3-sbx-") and found == "True", r.stdout
+        assert os.listdir(base) == []  # the work dir is gone; nothing was written through the job's symlinks
+        assert not os.path.exists(os.path.join("/tmp", os.path.basename(base)))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_non_root_runner_uses_a_user_namespace(tmp_path):
+    """The unprivileged path: a runner whose uid is not 0 (here uid 1000 of a user namespace made by
+    ``unshare``) gets the same view through a user namespace of its own and keeps its uid."""
+    import shutil
+    import subprocess
+
+    if os.getuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and util-linux unshare to fake a non-root caller")
+    script = tmp_path / "nonroot.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, os
+            from ra3_jax.execution import Job, Limits, Sandbox
+            sb = Sandbox(Limits(timeout_s=10), workers=1, isolation="required")
+            prog = "import os, json, numpy; print(json.dumps([os.getuid(), os.getgid(), sorted(os.listdir('/etc'))]))"
+            r = sb.run(Job(prog + "; open('/etc/shadow')"))
+            print(json.dumps([sb.isolated, r.status, r.detail, r.stdout]))
+            """
+        )
+    )
+    cmd = ["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    if proc.returncode and "unshare failed" in proc.stderr:
+        pytest.skip(f"no user namespaces here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    isolated, status, detail, stdout = json.loads(proc.stdout.splitlines()[-1])
+    assert isolated and status == "failed" and "FileNotFoundError" in detail, (status, detail)
+    uid, gid, etc = json.loads(stdout)
+    assert (uid, gid) == (1000, 1000) and "shadow" not in etc and "passwd" in etc
 
 
 def test_file_size_limit(sandbox):

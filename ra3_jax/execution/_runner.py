@@ -7,10 +7,11 @@ limits, verdict token, work directory), when isolation is on:
 
 1. ``unshare`` new mount, network, PID, IPC and UTS namespaces (plus a user namespace when not root);
 2. forks: the child is PID 1 of the new PID namespace, so killing it kills every process the program made;
-3. in the child: mounts a fresh ``/proc`` (the parent's processes are invisible), private tmpfs on ``/tmp``,
-   ``/var/tmp`` and ``/dev/shm``, makes every other mount read-only except the work directory, drops all
-   capabilities and sets ``no_new_privs``; then forks the job as PID 2 and only waits for it (a namespace's
-   init never receives a signal it has no handler for, such as SIGXCPU at the CPU limit);
+3. in the child: builds the job's own root (``_jail.py``: read-only ``/usr`` and interpreter prefixes, a minimal
+   ``/etc``, ``/dev``, a fresh ``/proc``, private tmpfs on ``/tmp`` and the work directory; nothing else of the
+   host), pivots into it, then becomes uid/gid 65534 (when root), drops all capabilities and sets
+   ``no_new_privs``; then forks the job as PID 2 and only waits for it (a namespace's init never receives a
+   signal it has no handler for, such as SIGXCPU at the CPU limit);
 4. in the job: sets resource limits (address space, CPU, file size, open files, processes, no core dumps);
 5. executes the program in one namespace and the test code in a *second* namespace whose builtins are a copy
    taken before the program ran (a program that monkey-patches ``builtins`` does not change the checker);
@@ -20,104 +21,26 @@ limits, verdict token, work directory), when isolation is on:
 """
 
 import builtins
-import ctypes
 import json
 import os
-import platform
 import resource
 import sys
 import traceback
 
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-SYS_MOUNT_SETATTR = 442  # same number on every architecture (added in Linux 5.12)
-SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(platform.machine())
-AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
-PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG = 24, 38, 1
 
-_libc = ctypes.CDLL(None, use_errno=True)
+def _load_jail():
+    """``_jail.py`` from this file's directory (``-I`` keeps it off ``sys.path``; this runner imports no ra3_jax)."""
+    import importlib.util
 
-
-def _check(ret, what):
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+    spec = importlib.util.spec_from_file_location(
+        "_ra3_jail", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_jail.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _mount(src, target, fstype, flags, data=None):
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    _check(_libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
-
-
-def _set_readonly(path, readonly):
-    attr = _MountAttr(MOUNT_ATTR_RDONLY if readonly else 0, 0 if readonly else MOUNT_ATTR_RDONLY, 0, 0)
-    ret = _libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr))
-    if ret == 0:
-        return
-    # Kernels before 5.12: remount each mount point read-only, one by one.
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for mp in points:
-        if mp == path or mp.startswith(path.rstrip("/") + "/"):
-            flags = MS_REMOUNT | MS_BIND | (MS_RDONLY if readonly else 0)
-            try:
-                _mount(None, mp, None, flags)
-            except OSError:
-                if mp == path:
-                    raise
-
-
-def _drop_capabilities():
-    for cap in range(64):
-        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # fails harmlessly past the last capability
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-    if SYS_CAPSET is None:
-        return
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2 words, all zero
-    _check(_libc.syscall(SYS_CAPSET, header, data), "capset")
-
-
-def _isolate_parent(root):
-    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    uid, gid = os.getuid(), os.getgid()
-    if not root:
-        flags |= CLONE_NEWUSER
-    _check(_libc.unshare(flags), "unshare")
-    if not root:
-        with open("/proc/self/setgroups", "w") as f:
-            f.write("deny")
-        with open("/proc/self/uid_map", "w") as f:
-            f.write(f"{uid} {uid} 1")
-        with open("/proc/self/gid_map", "w") as f:
-            f.write(f"{gid} {gid} 1")
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
-
-
-def _isolate_child(workdir, tmpfs_mb):
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _mount(workdir, workdir, None, MS_BIND | MS_REC)  # its own mount, so it can stay writable
-    _set_readonly("/", True)
-    _set_readonly(workdir, False)
-    os.chdir(workdir)  # onto the writable bind mount (the old cwd is the read-only mount beneath it)
-    # Private tmpfs over the shared scratch dirs, unless this interpreter lives there (a venv under /tmp):
-    # hiding it would break every later import; that dir then just stays read-only.
-    needed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path) if os.path.isabs(p)}
-    for d in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(d) and not any(n == d or n.startswith(d + "/") for n in needed):
-            _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_mb}m,mode=1777")
-    _drop_capabilities()
+jail = _load_jail()
 
 
 def _set_limits(lim):
@@ -193,7 +116,7 @@ def run(job):
     isolated = False
     if job["isolate"]:
         try:
-            _isolate_parent(root)
+            jail.unshare(root)
             isolated = True
         except OSError as e:
             if job["isolate"] == "required":
@@ -201,11 +124,14 @@ def run(job):
                 os._exit(97)
     pid = os.fork() if isolated else 0
     if pid:  # the runner outside: wait for PID 1 of the namespace and relay how it ended
-        _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+        jail.die_with_parent()
         _relay(pid)
     try:
         if isolated:
-            _isolate_child(workdir, job["limits"]["tmpfs_mb"])
+            uid, gid = jail.job_ids(root)
+            jail.build_root(workdir, job["limits"]["tmpfs_mb"], uid, gid)
+            jail.drop_privileges(root, uid, gid)
+        os.environ["HOME"] = workdir
         os.write(1, f"{job['token']}:isolated={int(isolated)}\n".encode())
         if isolated:
             # PID 1 of the namespace only waits: the kernel never delivers a signal without a handler (SIGXCPU
@@ -243,6 +169,7 @@ def serve(fd):
 
     sock = socket.socket(fileno=fd)
     null = os.open(os.devnull, os.O_RDWR)
+    jail.host_view()  # read once here, not in every forked job
     while True:
         try:
             head, fds, _, _ = socket.recv_fds(sock, 8, 2)

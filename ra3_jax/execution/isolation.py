@@ -1,4 +1,4 @@
-"""Per-job process caps from the pids cgroup controller (the namespaces themselves are set up in ``_runner.py``)."""
+"""Per-job process caps from the pids cgroup controller (the namespaces themselves are set up in ``_jail.py``)."""
 
 from __future__ import annotations
 

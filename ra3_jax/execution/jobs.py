@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ra3_jax.errors import RA3Error
 
-_VERSION = "2"  # bump when the runner's semantics change (invalidates on-disk caches)
+_VERSION = "3"  # bump when the runner's semantics change (invalidates on-disk caches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Limits:
     nproc: int = 16  # processes/threads the job may add
     fsize_mb: int = 16  # largest file it may write
     nofile: int = 64
-    tmpfs_mb: int = 64  # size of its private /tmp
+    tmpfs_mb: int = 64  # size of each of its private tmpfs mounts: /tmp, /dev/shm and its work dir (HOME, cwd)
     output_bytes: int = 1 << 20  # stdout + stderr; past it the job is killed
 
     def resolved(self) -> dict:

@@ -3,9 +3,13 @@
 Each job is its own process in a fresh temporary directory with a scrubbed environment: forked from a
 pre-started runner (``_runner.py --serve``, one per worker thread; the default) or a fresh interpreter.
 With isolation on (the default where the kernel allows it: root, or unprivileged user namespaces) the job runs
-in its own PID namespace (under a waiting PID 1), with no network (an empty network namespace), a read-only filesystem except
-its work directory and private tmpfs ``/tmp``, a fresh ``/proc`` and no capabilities. Limits: wall time (the
-whole process tree is killed), CPU time, address space, file size, open files, processes, output bytes.
+in its own PID namespace (under a waiting PID 1), with no network (an empty network namespace), as an
+unprivileged user (uid/gid 65534 "nobody" under a root parent) without capabilities, in its own root
+filesystem: read-only ``/usr`` and interpreter prefixes (stdlib, site-packages), a minimal generated ``/etc``,
+``/dev/null`` and friends, a fresh ``/proc``, and private writable tmpfs mounts on ``/tmp`` and its work
+directory (its ``HOME`` and cwd, at the same path as outside); nothing else of the host is there (see
+``_jail.py``). Limits: wall time (the whole process tree is killed), CPU time, address space, file size, open
+files, processes, output bytes.
 
 Without namespaces (``isolation="none"`` or ``"auto"`` on a kernel that refuses them) the rlimits, the scrubbed
 environment, the fresh directory and the process-group kill still apply, but the network and the filesystem
