@@ -227,6 +227,10 @@ def test_rlvr_reward_rises_on_return_constant_and_resumes_exactly(tmp_path, shar
         )
 
     rlvr(rl_cfg(tmp_path / "rl", 16))
+    import yaml
+
+    saved = yaml.safe_load(open(tmp_path / "rl" / "config.yaml"))["model"]  # the config the run actually used:
+    assert saved["vocab_size"] == tok.vocab_size != 512 and saved["init"] == "orbax"  # the loaded shape, not the default
     rows = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
     rewards = [r["reward"] for r in rows if "reward" in r]
     first, last = np.mean(rewards[:3]), np.mean(rewards[-4:])
