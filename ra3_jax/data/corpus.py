@@ -12,10 +12,13 @@ import contextlib
 import dataclasses
 import fcntl
 import fnmatch
+import glob
 import hashlib
+import io
 import logging
 import os
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import tensorflow_datasets as tfds
@@ -149,6 +152,24 @@ def tfds_lock(data_dir: str, key: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def tfds_build(data_dir: str, key: str):
+    """Around a tfds builder's construction and ``download_and_prepare``: ``tfds_lock``, and quiet: no progress
+    bar, no "Downloading and preparing dataset" print for local files, no absl INFO lines, and no empty
+    ``tmp*tfds`` dir left in the temp dir (tfds' DatasetInfo makes one per new builder to look on GCS)."""
+    tfds.disable_progress_bar()
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    try:
+        with tfds_lock(data_dir, key), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for d in set(glob.glob(pattern)) - before:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # only empty dirs go
+
+
 def build_corpus(data_cfg) -> dict:
     """Prepare (once, cached under data.tfds_dir) and return {'train': source, 'validation': source}."""
     listed = list_source_files(data_cfg.source_dirs, data_cfg.include_glob, data_cfg.exclude_tests, data_cfg.max_files)
@@ -160,10 +181,8 @@ def build_corpus(data_cfg) -> dict:
             f"empty corpus: the {len(listed)} source files under {list(data_cfg.source_dirs)} hold no non-empty UTF-8 text"
         )
     config = CodeCorpusConfig(files=files, validation_fraction=data_cfg.validation_fraction, skip_non_utf8=data_cfg.skip_non_utf8)
-    tfds.disable_progress_bar()
-    logging.getLogger("absl").setLevel(logging.ERROR)
     data_dir = os.path.expanduser(data_cfg.tfds_dir)
-    with tfds_lock(data_dir, f"code_corpus-{config.name}"):
+    with tfds_build(data_dir, f"code_corpus-{config.name}"):
         builder = CodeCorpus(config=config, data_dir=data_dir, file_format="array_record")
         try:
             builder.download_and_prepare()

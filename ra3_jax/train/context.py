@@ -39,7 +39,10 @@ def resolve_tokenizer(cfg: RunConfig):
             return load_tokenizer("gguf", cfg.model.path)
         if cfg.model.init in ("hf", "orbax"):
             return load_from_dir(resolve_model_path(cfg.model.path))
-        raise TokenizerError("model.init=random needs an explicit tokenizer.kind and tokenizer.path")
+        raise TokenizerError(
+            "model.init=random needs an explicit tokenizer.kind and tokenizer.path (pass a config, e.g. "
+            "--config configs/tiny_cpu.yaml, or set them)"
+        )
     if not path:
         raise TokenizerError(f"tokenizer.kind={kind} needs tokenizer.path")
     return load_tokenizer(kind, path)
