@@ -100,7 +100,7 @@ def main():
     prompt = sum(len(c.prompt) + len(c.forced) for cands in cands_all[1:] for c in cands)
     # sampler: prefill + decode; scoring: prefix once + scored rows; PG: prefix forward + rows forward/backward
     flops = 2 * n_params * (prompt + gen) + 2 * n_params * (prompt + scored) + 2 * n_params * prompt + 6 * n_params * gen
-    train_flops_s = train_step_flops_per_s(cfg, model_cfg, params, mesh)
+    train_flops_s = train_step_flops_per_s(cfg, model_cfg)
     res = {
         "device": str(jax.devices()[0].platform),
         "model_params": model_cfg.num_params(),
@@ -122,32 +122,14 @@ def main():
     print(json.dumps(res, indent=1))
 
 
-def train_step_flops_per_s(cfg, model_cfg, params, mesh, steps: int = 3) -> float:
-    """6 x params x tokens / s of the NTP train step on a [data.batch_size, data.seq_len] batch (after a warm-up)."""
-    import numpy as np
+def train_step_flops_per_s(cfg, model_cfg) -> float:
+    """6 x params x tokens / s of the NTP train step (benchmarks/train_step.py) on a [data.batch_size,
+    data.seq_len] batch of this model's shape."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from train_step import bench_ours
 
-    from ra3_jax.train.state import create_state, make_optimizer, state_shardings
-    from ra3_jax.train.step import jit_train_step
-
-    tx = make_optimizer(cfg.optim, 10)
-    step = jit_train_step(model_cfg, tx, cfg.optim.grad_accum, mesh, state_shardings(model_cfg, tx, mesh))
-    B, T = cfg.data.batch_size, cfg.data.seq_len
-    toks = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (B, T + 1)).astype(np.int32)
-    batch = {
-        "inputs": toks[:, :-1],
-        "targets": toks[:, 1:],
-        "segment_ids": np.ones((B, T), np.int32),
-        "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-        "loss_mask": np.ones((B, T), np.float32),
-    }
-    state = create_state(params, tx, model_cfg, mesh)
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, batch)
-    jax.block_until_ready(m)
-    return 6 * model_cfg.num_params() * B * T * steps / (time.perf_counter() - t0)
+    tokens_per_s, _ = bench_ours(model_cfg, cfg.data.batch_size, cfg.data.seq_len, 3, model_cfg.param_dtype)
+    return 6 * model_cfg.num_params() * tokens_per_s
 
 
 if __name__ == "__main__":
