@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 
 from ra3_jax.commands import cmd_convert, cmd_export_hf, cmd_report, cmd_show_latents
@@ -47,9 +48,32 @@ def _run_job(args, job) -> None:
     """Runs ``job(cfg)`` on the command's config (every process of a multi-process run takes part) and prints
     its result, with the run directory, as JSON."""
     cfg = _cfg(args, multi_process=True)
-    result = job(cfg)
+    out = os.path.abspath(os.path.expanduser(cfg.train.out_dir))
+    existed = os.path.exists(out)
+    try:
+        result = job(cfg)
+    except BaseException:
+        if not existed and is_main():
+            _remove_if_no_files(out)  # a run that failed before writing anything leaves no empty out dir behind
+        raise
     if is_main():
-        print(json.dumps({"out_dir": os.path.abspath(cfg.train.out_dir), **result}, indent=1))
+        print(json.dumps({"out_dir": out, **result}, indent=1))
+        print(run_summary(args.command, out, result), file=sys.stderr)
+
+
+def _remove_if_no_files(path: str) -> None:
+    if os.path.isdir(path) and not any(files for _, _, files in os.walk(path)):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_summary(command: str, out: str, result: dict) -> str:
+    """A finished run in words: where it is, and each held-out metric before -> after (``X@start`` -> ``X``)."""
+    lines = [f"ra3 {command}: finished at step {result.get('step', '?')}; run directory {out}"]
+    for key in sorted(k for k in result if k.endswith("@start")):
+        name = key[: -len("@start")]
+        if name in result:
+            lines.append(f"  {name}: {result[key]:.4f} -> {result[name]:.4f}")
+    return "\n".join(lines)
 
 
 def cmd_midtrain_ra3(args):
@@ -133,14 +157,14 @@ def _read_prompts(src: str) -> list[str]:
     return prompts
 
 
-def _load_sampler(cfg):
+def _load_sampler(cfg, tokenizer=None):
     """(Sampler over the config's model and tokenizer (vocabulary checked), the model's params)."""
     from ra3_jax.model.store import load_model
     from ra3_jax.sampler import Sampler
     from ra3_jax.train.context import check_vocab, make_run_mesh, resolve_tokenizer
 
     mesh = make_run_mesh(cfg)
-    tokenizer = resolve_tokenizer(cfg)
+    tokenizer = tokenizer or resolve_tokenizer(cfg)
     model_cfg, params = load_model(cfg.model, mesh)
     check_vocab(tokenizer, model_cfg)
     return Sampler(model_cfg, tokenizer), params
@@ -155,7 +179,12 @@ def cmd_sample(args):
 
     cfg = _cfg(args)
     prompts = _read_prompts(args.prompts)
+    print(f"ra3 sample: loading the model and compiling the sampler for {len(prompts)} prompts ...", file=sys.stderr, flush=True)
     sampler, params = _load_sampler(cfg)
+    if args.chat:  # each prompt is the user's message; the generation starts the assistant's turn
+        from ra3_jax.tokenizer import apply_chat_template
+
+        prompts = [apply_chat_template(sampler.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     sp = sampling_method(args.temperature, top_k=args.top_k, top_p=args.top_p)
     key = jax.random.key(args.seed)
     for lo in range(0, len(prompts), args.batch_size):
@@ -177,14 +206,18 @@ def cmd_sample(args):
 
 def cmd_eval(args):
     from ra3_jax.data.code_benchmarks import benchmark_dir, load_benchmark
-    from ra3_jax.evaluation.code_eval import DEFAULT_LIMITS, PromptFormat, evaluate_model
+    from ra3_jax.evaluation.code_eval import DEFAULT_LIMITS, evaluate_model, make_format
+    from ra3_jax.evaluation.passk import resolve_ks
     from ra3_jax.execution import Limits, Sandbox
+    from ra3_jax.train.context import resolve_tokenizer
 
     cfg = _cfg(args)
+    ks = resolve_ks(args.k, args.n_samples)
     data_dir = benchmark_dir(args.data_dir)
     tasks = load_benchmark(args.benchmark, args.split, data_dir=data_dir, tfds_dir=cfg.data.tfds_dir)
     tasks = tasks[: args.limit] if args.limit else tasks
-    fmt = PromptFormat.create(args.benchmark, args.mbpp_style, data_dir=data_dir)
+    tokenizer = None if args.canonical and args.prompt_format == "completion" else resolve_tokenizer(cfg)
+    fmt = make_format(args.benchmark, args.prompt_format, args.mbpp_style, data_dir=data_dir, tokenizer=tokenizer)
     base = DEFAULT_LIMITS[args.benchmark]
     # --timeout: one wall limit (CPU limit + 1 s) for every program; by default each task gets task_limits.
     limits = Limits(timeout_s=args.timeout, memory_mb=base.memory_mb) if args.timeout else None
@@ -201,37 +234,25 @@ def cmd_eval(args):
         from ra3_jax.sampler import sampling_method
 
         sp = sampling_method(args.temperature, top_k=args.top_k, top_p=args.top_p)
-        sampler, params = _load_sampler(cfg)
+        sampler, params = _load_sampler(cfg, tokenizer)
         generate = sampler_generate(sampler, params, sp, args.max_new_tokens, fmt.stops, jax.random.key(args.seed))
 
     out = args.out or os.path.join(cfg.train.out_dir, "eval", args.benchmark.replace("+", "_plus"))
-    rep = evaluate_model(
-        generate,
-        tasks,
-        fmt,
-        sandbox,
-        n_samples=args.n_samples,
-        temperature=args.temperature,
-        ks=tuple(args.k),
-        batch_tasks=args.batch_tasks,
-        out_dir=out,
-        limits=limits,
-    )
+    run = dict(n_samples=args.n_samples, temperature=args.temperature, ks=ks, batch_tasks=args.batch_tasks)
+    rep = evaluate_model(generate, tasks, fmt, sandbox, **run, out_dir=out, limits=limits)
+    print(file=sys.stderr, flush=True)  # end the progress bar's line: the table starts on its own
     print(rep.table())
-    print(
-        json.dumps(
-            {
-                "out": os.path.abspath(out),
-                "pass_at": rep.pass_at,
-                "status": rep.status_counts,
-                "sample_s": round(rep.sample_s, 2),
-                "check_s": round(rep.check_s, 2),
-                "programs_per_s": round(rep.programs_per_s, 2),
-                "sandbox_isolated": sandbox.isolated,
-            },
-            indent=1,
-        )
-    )
+    summary = {
+        "out": os.path.abspath(out),
+        "prompt_format": args.prompt_format,
+        "pass_at": rep.pass_at,
+        "status": rep.status_counts,
+        "sample_s": round(rep.sample_s, 2),
+        "check_s": round(rep.check_s, 2),
+        "programs_per_s": round(rep.programs_per_s, 2),
+        "sandbox_isolated": sandbox.isolated,
+    }
+    print(json.dumps(summary, indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--top-p", type=float, default=1.0)
     sm.add_argument("--num-samples", type=int, default=1, help="samples per prompt (one shared prefill)")
     sm.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sm.add_argument("--chat", action="store_true", help="each prompt is a user message in the model's chat template")
     sm.add_argument("--batch-size", type=int, default=16)
     sm.add_argument("--seed", type=int, default=0)
     sm.set_defaults(fn=cmd_sample)
@@ -284,9 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ev.add_argument("--top-k", type=int, default=0)
     ev.add_argument("--top-p", type=float, default=1.0)
-    ev.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k values (k <= n-samples)")
+    ev.add_argument(
+        "--k", type=int, nargs="+", default=None, help="pass@k values, each <= --n-samples (default: 1 10 100, those <= it)"
+    )
     ev.add_argument("--max-new-tokens", type=int, default=384)
     ev.add_argument("--mbpp-style", default="docstring", choices=("docstring", "3shot"))
+    ev.add_argument(
+        "--prompt-format",
+        default="completion",
+        choices=("completion", "chat"),
+        help="completion: the benchmark prompt continued; chat (instruct models): evalplus' request in the chat template",
+    )
     ev.add_argument("--limit", type=int, default=0, help="first N tasks only")
     ev.add_argument("--batch-tasks", type=int, default=8, help="prompts per sampler call (x n-samples rows)")
     ev.add_argument("--workers", type=int, default=2, help="sandbox processes in parallel")

@@ -283,7 +283,9 @@ class Sampler:
 
     def __init__(self, cfg: LlamaConfig, tokenizer, *, eos_ids: Sequence[int] | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.eos_ids = tuple(int(i) for i in (eos_ids if eos_ids is not None else [tokenizer.eos_id]))
+        # By default every end-of-document / end-of-turn id the tokenizer declares ends a row (<|im_end|> too).
+        default = getattr(tokenizer, "end_ids", None) or [tokenizer.eos_id]
+        self.eos_ids = tuple(int(i) for i in (eos_ids if eos_ids is not None else default))
         self.tok_bytes, self.tok_len = token_byte_table(tokenizer, cfg.vocab_size)
         # Model rows past the tokenizer's vocabulary (padding) can never be decoded: never sample them.
         self.valid_vocab = int(tokenizer.vocab_size) if tokenizer.vocab_size < cfg.vocab_size else None

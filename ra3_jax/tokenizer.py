@@ -20,6 +20,8 @@ class Tokenizer(Protocol):
     vocab_size: int
     bos_id: int | None
     eos_id: int  # end of document / generation
+    end_ids: tuple[int, ...]  # every end-of-document / end-of-turn id: the sampler stops on any
+    chat_template: str | None  # Jinja chat template (instruct models), see apply_chat_template
     pad_id: int
     add_bos: bool
 
@@ -49,6 +51,31 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+# End-of-document and end-of-turn tokens of the common chat formats (ChatML, Llama 2/3, Phi-3, Gemma).
+END_TOKENS = (
+    "<|endoftext|>",
+    "</s>",
+    "<eos>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+)
+
+
+def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    """The conversation as the tokenizer's chat template writes it (ra3_jax.model.chat_template renders it)."""
+    from ra3_jax.model.chat_template import render_chat
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizerError("the tokenizer has no chat template (a GGUF's tokenizer.chat_template or tokenizer_config.json's)")
+    specials = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id}
+    names = {k: tokenizer.decode([i]) for k, i in specials.items() if i is not None}
+    return render_chat(tokenizer.chat_template, messages, add_generation_prompt=add_generation_prompt, **names)
+
+
 def _byte_counts(strings: list[bytes]):
     """UTF-8 bytes each token stands for (bits-per-byte accounting; specials count 0)."""
     import numpy as np
@@ -63,7 +90,8 @@ class HFTokenizer:
     FILE = "tokenizer.json"
     META = "tokenizer_meta.json"
 
-    def __init__(self, tk, *, bos_id=None, eos_id=None, pad_id=None, add_bos=False):
+    def __init__(self, tk, *, bos_id=None, eos_id=None, pad_id=None, add_bos=False, end_ids=(), chat_template=None):
+        """``end_ids``: end ids the model's files declare (GGUF / HF eos ids), on top of :data:`END_TOKENS`'s."""
         self._tk = tk
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self.bos_id = bos_id
@@ -74,6 +102,11 @@ class HFTokenizer:
             raise TokenizerError("tokenizer has no end-of-document token; set one in tokenizer_meta.json (eos_id)")
         self.pad_id = pad_id if pad_id is not None else self.eos_id
         self.add_bos = bool(add_bos and bos_id is not None)
+        specials = {t.content for t in tk.get_added_tokens_decoder().values() if t.special}
+        named = [tk.token_to_id(t) for t in END_TOKENS if t in specials]
+        ids = [self.eos_id, *end_ids, *named]
+        self.end_ids = tuple(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= int(i) < self.vocab_size))
+        self.chat_template = chat_template or None
 
     @classmethod
     def from_file(cls, path: str) -> HFTokenizer:
@@ -88,11 +121,10 @@ class HFTokenizer:
         except Exception as e:
             raise TokenizerError(f"cannot load tokenizer {file}: {e}") from None
         meta_file = os.path.join(os.path.dirname(file), cls.META)
-        meta = {}
         if os.path.exists(meta_file):
             with open(meta_file, encoding="utf-8") as f:
-                meta = json.load(f)
-        return cls(tk, **meta)
+                return cls(tk, **json.load(f))
+        return cls(tk, **_hf_dir_meta(tk, os.path.dirname(file)))
 
     @classmethod
     def from_gguf(cls, path: str) -> HFTokenizer:
@@ -136,8 +168,13 @@ class HFTokenizer:
         special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
         tk.add_special_tokens(special)
         bos = _field(reader, "tokenizer.ggml.bos_token_id")
+        declared = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         return cls(
-            tk, bos_id=None if bos is None else int(bos), add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+            tk,
+            bos_id=None if bos is None else int(bos),
+            add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+            end_ids=[int(i) for i in declared if i is not None],
+            chat_template=_field(reader, "tokenizer.chat_template"),
         )
 
     def encode(self, text: str) -> list[int]:
@@ -171,8 +208,31 @@ class HFTokenizer:
         os.makedirs(directory, exist_ok=True)
         self._tk.save(os.path.join(directory, self.FILE))
         with open(os.path.join(directory, self.META), "w", encoding="utf-8") as f:
-            json.dump(dict(bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id, add_bos=self.add_bos), f)
+            meta = dict(bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id, add_bos=self.add_bos)
+            json.dump(dict(meta, end_ids=list(self.end_ids), chat_template=self.chat_template), f)
         return directory
+
+
+def _hf_dir_meta(tk, directory: str) -> dict:
+    """An HF model folder's chat template and declared eos ids (tokenizer_config.json, chat_template.jinja,
+    generation_config.json), for a tokenizer.json without our tokenizer_meta.json."""
+
+    def read(name):
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return f.read() if name.endswith(".jinja") else json.load(f)
+
+    conf, gen = read("tokenizer_config.json") or {}, read("generation_config.json") or {}
+    template = read("chat_template.jinja") or conf.get("chat_template")
+    if isinstance(template, list):  # named templates: [{name, template}]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    eos = conf.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    declared = gen.get("eos_token_id")
+    declared = declared if isinstance(declared, list) else [declared]
+    return dict(end_ids=[i for i in [*declared, eos and tk.token_to_id(eos)] if isinstance(i, int)], chat_template=template)
 
 
 # ---------------------------------------------------------------------------------------------- sentencepiece
@@ -198,6 +258,8 @@ class SentencePieceTokenizer:
         self.eos_id = self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
         self.add_bos = False
+        self.end_ids = (self.eos_id,)
+        self.chat_template = None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(text)

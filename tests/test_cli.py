@@ -53,3 +53,36 @@ def test_bad_input_is_a_user_error_and_bugs_keep_their_traceback(capsys, monkeyp
     with pytest.raises(ValueError, match="invalid literal") as e:
         main(["pretrain", "-c", TINY])
     assert not isinstance(e.value, RA3Error)
+
+
+def test_a_failed_run_leaves_no_empty_out_dir_and_a_finished_one_is_summarized(tmp_path, capsys):
+    from ra3_jax.cli import run_summary
+
+    out = tmp_path / "never"
+    assert main(["pretrain", "-c", TINY, "tokenizer.path=/nonexistent/tok", f"train.out_dir={out}"]) == 2
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    (kept / "notes.txt").parent.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert main(["pretrain", "-c", TINY, "tokenizer.path=/nonexistent/tok", f"train.out_dir={kept}"]) == 2
+    assert (kept / "notes.txt").read_text() == "mine"  # a directory that existed before is never touched
+    text = run_summary("pretrain", "/r", {"step": 30, "eval/loss@start": 2.0251, "eval/loss": 1.9179, "loss": 1.5})
+    assert text.splitlines() == ["ra3 pretrain: finished at step 30; run directory /r", "  eval/loss: 2.0251 -> 1.9179"]
+
+
+def test_corpus_build_is_quiet_and_leaves_no_temp_dirs(tmp_path, capfd):
+    import glob
+    import tempfile
+
+    from ra3_jax.config import load_config
+    from ra3_jax.data.corpus import build_corpus
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"m{i}.py").write_text(f"x = {i}\n")
+    before = set(glob.glob(f"{tempfile.gettempdir()}/tmp*tfds"))
+    cfg = load_config(None, [f"data.source_dirs=[{src}]", f"data.tfds_dir={tmp_path / 'tfds'}", "data.validation_fraction=0"])
+    assert len(build_corpus(cfg.data)["train"]) == 3
+    assert set(glob.glob(f"{tempfile.gettempdir()}/tmp*tfds")) == before
+    assert "Downloading and preparing" not in capfd.readouterr().out

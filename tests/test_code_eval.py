@@ -1,22 +1,36 @@
 """Code benchmarks (tfds builders over ../shared/data), their checks in the sandbox, prompts and pass@k reports."""
 
+import functools
+import json
 import os
 import re
 
 import pytest
 
+from ra3_jax.cli import main
 from ra3_jax.data.code_benchmarks import BenchmarkError, load_benchmark, read_tasks
+from ra3_jax.errors import InputError
 from ra3_jax.evaluation.code_eval import (
+    CHAT_INSTRUCTION,
+    CHAT_RESPONSE,
     DEFAULT_LIMITS,
     REFERENCE_CPU_S,
     REFERENCE_FACTOR,
+    ChatFormat,
     PromptFormat,
     check_completions,
     cut_at_stops,
     evaluate_model,
+    extract_code,
+    make_format,
     task_limits,
 )
+from ra3_jax.evaluation.passk import resolve_ks
 from ra3_jax.execution import Sandbox
+from ra3_jax.model.chat_template import render_chat
+
+from .conftest import REPO
+from .test_tokenizer import CHATML
 
 EXPECTED = {"humaneval": 164, "humaneval+": 164, "mbpp": 974, "mbpp_sanitized": 427, "mbpp+": 378}
 
@@ -159,3 +173,92 @@ def test_task_limits_scale_with_the_reference(tfds_dir, shared_data):
     assert big.cpu_s == 142 == int(-(-REFERENCE_FACTOR * 35.3 // 1)) and big.timeout_s == 3 * 142
     assert big.memory_mb == base.memory_mb
     assert task_limits("humaneval", "HumanEval/15") == DEFAULT_LIMITS["humaneval"] and task_limits("mine", "x") is None
+
+
+# --------------------------------------------------------------------------------------------- chat format
+def test_extract_code_from_markdown_replies():
+    assert extract_code("Here it is:\n```python\ndef f():\n    return 1\n```\nIt returns 1.") == "def f():\n    return 1\n"
+    assert extract_code("```\nx = 1\n```") == "x = 1\n"  # a bare fence
+    assert extract_code("def f():\n    return 2\n") == "def f():\n    return 2\n"  # no fence: all code
+    assert extract_code("```python\na = 1\n```\nor\n```python\nb = 2\n```\n") == "a = 1\n"  # the first of two
+    assert extract_code("```bash\npip install x\n```\n```py\nc = 3\n```") == "c = 3\n"  # the first Python block
+    assert extract_code("```text\nonly\n```") == "only\n"  # no Python block: the first block
+    assert extract_code("```python\nd = 4\nprint(d)") == "d = 4\nprint(d)"  # never closed: to the end
+    assert extract_code("```python\n```") == ""
+
+
+def chatml_format(benchmark):
+    return ChatFormat(PromptFormat.create(benchmark), functools.partial(render_chat, CHATML, add_generation_prompt=False))
+
+
+def test_chat_prompt_is_evalplus_request_in_the_template(tfds_dir, shared_data):
+    he = load_benchmark("humaneval", data_dir=shared_data, tfds_dir=tfds_dir)[0]
+    assert CHAT_INSTRUCTION == (
+        "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
+    )
+    system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert chatml_format("humaneval").prompt(he) == (
+        f"{system}<|im_start|>user\n{CHAT_INSTRUCTION}\n```\n{he['prompt'].strip()}\n```\n<|im_end|>\n"
+        f"<|im_start|>assistant\n{CHAT_RESPONSE}\n```python\n"
+    )
+    mb = load_benchmark("mbpp", data_dir=shared_data, tfds_dir=tfds_dir)[0]
+    user = f'{CHAT_INSTRUCTION}\n```\n"""\n{mb["description"]}\n{mb["example_test"]}\n"""\n```\n'
+    assert f"<|im_start|>user\n{user}<|im_end|>" in chatml_format("mbpp").prompt(mb)
+    assert chatml_format("mbpp").stops == ("\n```\n",)
+
+
+def test_chat_programs_pass_and_fail_as_they_should(tfds_dir, sandbox, shared_data):
+    """HumanEval/0 annotates with typing.List: a whole solution without the import passes only because the
+    prompt's imports go in front; a bare body continues the prompt; a wrong name fails."""
+    t = load_benchmark("humaneval", data_dir=shared_data, tfds_dir=tfds_dir)[0]
+    fmt = chatml_format("humaneval")
+    whole = t["prompt"] + t["canonical_solution"]
+    no_imports = "".join(x + "\n" for x in whole.splitlines() if not x.startswith(("from ", "import ")))
+    assert "List[float]" in no_imports and "typing" not in no_imports
+    replies = [
+        no_imports + "\n```\n\nThis checks every pair.",
+        t["canonical_solution"] + "```",
+        "def other():\n    return 1\n```",
+    ]
+    completions = [cut_at_stops(r, fmt.stops) for r in replies]
+    assert completions[0] == no_imports
+    rows = check_completions([t], [completions], fmt, sandbox)
+    assert [r["passed"] for r in rows] == [True, True, False], rows
+    assert fmt.program(t, completions[0]).program.startswith("from typing import List\n")
+
+    mb = load_benchmark("mbpp", data_dir=shared_data, tfds_dir=tfds_dir)[:2]
+    fmt = chatml_format("mbpp")
+    rows = check_completions(mb, [[t["canonical_solution"].rstrip() + "\n```\nDone."] for t in mb], fmt, sandbox)
+    assert all(r["passed"] for r in rows), rows
+
+
+def test_make_format_and_pass_at_k_choices(spm_tokenizer):
+    assert isinstance(make_format("mbpp", "completion", "docstring"), PromptFormat)
+    with pytest.raises(InputError, match="3-shot"):
+        make_format("mbpp", "chat", "3shot")
+    with pytest.raises(InputError, match="no"):
+        make_format("humaneval", "chat", tokenizer=spm_tokenizer)  # sentencepiece: no chat template
+    with pytest.raises(InputError, match="prompt format"):
+        make_format("humaneval", "instruct")
+    assert resolve_ks(None, 1) == (1,) and resolve_ks(None, 20) == (1, 10) and resolve_ks([1, 5], 5) == (1, 5)
+    with pytest.raises(InputError, match="pass@100 needs at least 100 samples per task, but n-samples is 1"):
+        resolve_ks([1, 10, 100], 1)
+    with pytest.raises(InputError, match="k >= 1"):
+        resolve_ks([0, 1], 4)
+
+
+def test_eval_cli_k_error_chat_canonical_and_table_on_its_own_line(tfds_dir, shared_data, tmp_path, capsys):
+    cfg = os.path.join(REPO, "configs", "smollm2_135m_cpu.yaml")
+    base = ["eval", "-c", cfg, "--data-dir", shared_data, "--canonical", "--limit", "3", f"data.tfds_dir={tfds_dir}"]
+    he = base + ["--benchmark", "humaneval"]
+    assert main(he + ["--k", "1", "10", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass@100 needs at least 100 samples per task" in err
+    assert main(base + ["--benchmark", "mbpp", "--mbpp-style", "3shot", "--prompt-format", "chat"]) == 2
+    assert "3-shot" in capsys.readouterr().err
+    # the reference solutions through the chat format (SmolLM2's template), the table after the progress bars
+    assert main(he + ["--prompt-format", "chat", "--out", str(tmp_path)]) == 0
+    cap = capsys.readouterr()
+    assert "check humaneval" in cap.err and cap.err.endswith("\n")  # the bar's line ended (it ends in '\r')
+    assert cap.out.startswith("| benchmark |") and "| humaneval | 3 | 1 | 0 | 100.00 |" in cap.out
+    assert json.loads(cap.out[cap.out.index("{") :])["prompt_format"] == "chat"

@@ -78,3 +78,26 @@ def test_gguf_tokenizer_matches_transformers_on_real_code(smollm2_path, hf_tok):
         assert tok.decode(ids) == text
         assert int(bytes_tab[ids].sum()) == len(text.encode("utf-8"))  # bits-per-byte accounting is exact
     assert tok.encode("<|endoftext|>") == [0] and tok.eos_id == 0
+
+
+@pytest.mark.slow
+def test_smollm2_instruct_in_chat_format_writes_code(smollm2_path, hf_tok, tfds_dir, shared_data):
+    """SmolLM2-135M-Instruct asked in chat format (evalplus' request in its own chat template) writes code for the
+    first 3 HumanEval tasks; its tokenizer ends turns on <|im_end|> and renders the template as transformers does."""
+    from ra3_jax.data.code_benchmarks import load_benchmark
+    from ra3_jax.evaluation.code_eval import extract_code, make_format, sampler_generate
+    from ra3_jax.sampler import Greedy, Sampler
+    from ra3_jax.tokenizer import apply_chat_template
+
+    tok = HFTokenizer.from_gguf(smollm2_path)
+    assert tok.end_ids == (0, 2) and tok.decode([2]) == "<|im_end|>"
+    msgs = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+    assert apply_chat_template(tok, msgs) == hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    tasks = load_benchmark("humaneval", data_dir=shared_data, tfds_dir=tfds_dir)[:3]
+    fmt = make_format("humaneval", "chat", tokenizer=tok)
+    cfg, params = load_gguf(smollm2_path)
+    generate = sampler_generate(Sampler(cfg, tok), params, Greedy(), 64, fmt.stops)
+    replies = [r[0] for r in generate([fmt.prompt(t) for t in tasks], 1)]
+    codes = [extract_code("```python\n" + r) for r in replies]
+    assert all(c.strip() and not c.lstrip().startswith("```") for c in codes), replies
+    assert any(f"def {t['entry_point']}" in c for t, c in zip(tasks, codes)), codes

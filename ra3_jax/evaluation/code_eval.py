@@ -6,14 +6,19 @@ Prompt styles
 - MBPP family, ``mbpp_style="docstring"`` (default, 0-shot, the evalplus format): a docstring holding the task
   text and its first test; the completion is the whole solution. ``"3shot"``: Austin et al.'s format with MBPP
   tasks 2, 3, 4 as examples, ``[BEGIN]``/``[DONE]`` delimiters (needs ``mbpp/mbpp.jsonl``).
+- Chat (:class:`ChatFormat`, instruct models, evalplus' format): the task (the HumanEval prompt, or the MBPP
+  docstring) in a fenced block after an instruction, through the model's chat template; the assistant's turn
+  opened with evalplus' response prefix and a ```python fence. The program is the completion's first code block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -138,6 +143,78 @@ class TaskFormat:
 
     def program(self, task: dict, completion: str) -> Job:
         return Job(program=task.get("prefix", task["prompt"]) + completion, test=task["test"])
+
+
+# evalplus' chat prompt (codegen.py's instruction / response prefixes, make_raw_chat_prompt's layout).
+CHAT_INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
+CHAT_RESPONSE = "Below is a Python script with a self-contained function that solves the problem and passes corresponding tests:"
+CHAT_FENCE = "```python\n"  # the prompt ends with it: the completion starts inside the code block
+CHAT_STOPS = ("\n```\n",)  # the closing fence (evalplus' extra stop for chat); end-of-turn tokens stop too
+_SPLIT = "-[[]]-ra3-the-generation-starts-here-[[]]-"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """Instruct models in chat format. ``render(messages)`` writes a conversation with the model's chat template
+    (``tokenizer.apply_chat_template``, no generation prompt); the prompt is the conversation cut where the
+    assistant's code starts."""
+
+    base: PromptFormat  # the task text: HumanEval's prompt, MBPP's docstring
+    render: Callable[[list[dict]], str]
+    stops: tuple = CHAT_STOPS
+
+    @property
+    def benchmark(self) -> str:
+        return self.base.benchmark
+
+    def prompt(self, task: dict) -> str:
+        user = f"{CHAT_INSTRUCTION}\n```\n{self.base.prompt(task).strip()}\n```\n"
+        reply = f"{CHAT_RESPONSE}\n{CHAT_FENCE}{_SPLIT}\n```\n"
+        text = self.render([{"role": "user", "content": user}, {"role": "assistant", "content": reply}])
+        if _SPLIT not in text:
+            raise InputError("the chat template does not write the assistant's turn; use --prompt-format completion")
+        return text.split(_SPLIT)[0]
+
+    def program(self, task: dict, completion: str) -> Job:
+        """The completion's code block (it continues the prompt's open fence) as the program: on its own (after
+        the prompt's imports) when it defines the entry point, else continuing the task's prefix."""
+        code = extract_code(CHAT_FENCE + completion)
+        entry = task.get("entry_point") or ""
+        if entry and re.search(rf"^def {re.escape(entry)}\b", code, re.M):
+            imports = "".join(x + "\n" for x in task["prefix"].splitlines() if x.startswith(("import ", "from ")))
+            return Job(program=imports + code, test=task["test"])
+        return Job(program=task.get("prefix", "") + code, test=task["test"])
+
+
+def make_format(
+    benchmark: str, prompt_format: str = "completion", mbpp_style: str = "docstring", *, data_dir=None, tokenizer=None
+):
+    """The prompt format of ``ra3 eval --prompt-format``: ``completion`` (:class:`PromptFormat`) or ``chat``
+    (:class:`ChatFormat` over ``tokenizer``'s chat template; MBPP asked with its docstring, never 3-shot)."""
+    if prompt_format == "completion":
+        return PromptFormat.create(benchmark, mbpp_style, data_dir=data_dir)
+    if prompt_format != "chat":
+        raise InputError(f"prompt format must be 'completion' or 'chat', got {prompt_format!r}")
+    if mbpp_style != "docstring":
+        raise InputError("the 3-shot MBPP style is a completion prompt; the chat format asks with the task's docstring")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("the chat prompt format needs the model's chat template, and its tokenizer has none")
+    from ra3_jax.tokenizer import apply_chat_template
+
+    return ChatFormat(
+        PromptFormat.create(benchmark), functools.partial(apply_chat_template, tokenizer, add_generation_prompt=False)
+    )
+
+
+_BLOCK = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.M | re.S)
+
+
+def extract_code(text: str) -> str:
+    """The first ```python (or bare ```) block of a Markdown reply; else its first block of any language; an
+    unclosed fence runs to the end; a reply without a fence is all code."""
+    blocks = [(m.group(1).lower(), m.group(2)) for m in _BLOCK.finditer(text)]
+    python = [body for lang, body in blocks if lang in ("", "python", "py", "python3")]
+    return python[0] if python else blocks[0][1] if blocks else text
 
 
 def _mbpp_tests(task: dict) -> str:

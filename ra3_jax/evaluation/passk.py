@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from ra3_jax.errors import InputError
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -25,3 +27,15 @@ def mean_pass_at_k(counts: Iterable[tuple[int, int]], k: int) -> float:
     if not vals:
         raise ValueError("no tasks")
     return float(np.mean(vals))
+
+
+def resolve_ks(ks: Sequence[int] | None, n_samples: int) -> tuple[int, ...]:
+    """The pass@k values to report: ``ks``, each of which needs ``n_samples >= k`` (an error otherwise, not a
+    silently shorter table); by default those of 1, 10, 100 that ``n_samples`` allows."""
+    ks = tuple(ks) if ks else tuple(k for k in (1, 10, 100) if k <= n_samples)
+    if not ks or min(ks) < 1:
+        raise InputError(f"pass@k needs k >= 1 and n-samples >= 1 (k: {list(ks)}, n-samples: {n_samples})")
+    if max(ks) > n_samples:
+        k = max(ks)
+        raise InputError(f"pass@{k} needs at least {k} samples per task, but n-samples is {n_samples}: raise it or drop k={k}")
+    return ks
