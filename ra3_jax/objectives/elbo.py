@@ -32,12 +32,6 @@ def iwae_bound(log_p, log_q) -> float:
     return m + math.log(float(np.mean(np.exp(w - m))))
 
 
-def elbo_estimate(log_joint, log_q) -> float:
-    """Monte Carlo ELBO: mean over samples z ~ q of log p(x, z) - log q(z) (the K = 1 importance bound)."""
-    lj, lq = np.asarray(log_joint, np.float64), np.asarray(log_q, np.float64)
-    return float(np.mean(lj - lq))
-
-
 def elbo_expectation(log_joint, q) -> float:
     """Exact ELBO of an enumerated q: sum_z q(z) [log p(x, z) - log q(z)] (terms with q(z) = 0 drop out)."""
     lj, q = np.asarray(log_joint, np.float64), np.asarray(q, np.float64)

@@ -27,7 +27,7 @@ import numpy as np
 
 from ra3_jax import sharding
 from ra3_jax.config import RunConfig
-from ra3_jax.data.documents import Document, encode_text, render, render_latent, scoring_rows
+from ra3_jax.data.documents import Document, encode_text, render, render_latent, scoring_rows, span_mask
 from ra3_jax.data.pipeline import pad_rows
 from ra3_jax.distributed import fetch, put_global
 from ra3_jax.model.llama import LlamaConfig
@@ -271,8 +271,8 @@ class LatentProposer:
             for row, lp_end in [*zip(sr.latent, sr.lp_end), (sr.cont, s)]:
                 n = len(row) - s  # scored targets: row[s:]
                 masks = {
-                    "z_mask": [1] * (lp_end - s) + [0] * (n - lp_end + s),
-                    "h_mask": [0] * (lp_end - s) + [1] * (n - lp_end + s),
+                    "z_mask": span_mask(n, 0, lp_end - s),
+                    "h_mask": span_mask(n, lp_end - s, n),
                 }
                 rows.append((row[s - 1 : -1], row[s:], masks))
                 scored += n
