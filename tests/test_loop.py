@@ -110,3 +110,18 @@ def test_update_core_accumulation_equals_one_shot_gradient():
     assert float(m1["loss"]) == pytest.approx(float((y**2).mean()), rel=1e-5) == float(m4["loss"])
     assert float(m4["mse"]) == pytest.approx(float(m1["mse"]), rel=1e-5) and int(one.step) == 1
     assert float(m1["grad_norm"]) == pytest.approx(float(np.sqrt((gw**2).sum() + gb**2)), rel=1e-5)
+
+
+def test_tokens_per_s_counts_every_step_between_fetches(tmp_path, monkeypatch):
+    """With log_every > 1 the loop fetches metrics every few steps; the unfetched steps' tokens count too."""
+    from ra3_jax.train import loop as loop_mod
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(loop_mod.time, "perf_counter", lambda: clock["t"])
+
+    def step(s, k):  # each step takes 2 s of the fake clock and processes 100 tokens
+        clock["t"] += 2.0
+        return s + 1, {"loss": 1.0, "tokens": 100.0}
+
+    _, last = run_loop(Loop("t", 0, 10, str(tmp_path), log_every=5, progress=False), 0, step)
+    assert last["tokens_per_s"] == pytest.approx(50.0)

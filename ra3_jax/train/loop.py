@@ -164,7 +164,7 @@ def run_loop(loop: Loop, state, step_fn: Callable, *, last_good: int | None = No
     checkpoint run on their cadence and the fault hook last."""
     bar = progress_bar(loop.progress, loop.end, loop.name, loop.start, loop.unit)
     last: dict = {}
-    t0, tokens = time.perf_counter(), 0.0
+    t0, tokens, fetched = time.perf_counter(), 0.0, loop.start
     last_good = loop.start if last_good is None and loop.start else last_good
     try:
         for step in range(loop.start + 1, loop.end + 1):
@@ -176,7 +176,8 @@ def run_loop(loop: Loop, state, step_fn: Callable, *, last_good: int | None = No
             if _due(loop.log_every, step, loop.end) or _due(loop.ckpt_every, step, loop.end):
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 raise_if_nonfinite(m, step, last_good, loop.out_dir, f" of {loop.name}", loop.finite_keys, loop.nan_hint)
-                tokens += m.get("tokens", 0.0)
+                tokens += m.get("tokens", 0.0) * (step - fetched)  # the steps since the last fetch ran too
+                fetched = step
                 if "tokens" in m:
                     m["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
                 if loop.lr_at is not None:
