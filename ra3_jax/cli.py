@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -14,8 +15,11 @@ from ra3_jax.errors import RA3Error
 
 
 def _overrides(args) -> list[str]:
-    """The command line's section.key=value overrides; ``--mesh NAME`` is ``mesh.name=NAME``."""
-    return list(args.overrides) + ([f"mesh.name={args.mesh}"] if getattr(args, "mesh", None) else [])
+    """The command line's section.key=value overrides, with ``--mesh NAME`` (mesh.name=NAME) and ``--model DIR``."""
+    from ra3_jax.model.store import model_dir_overrides
+
+    out = list(args.overrides) + ([f"mesh.name={args.mesh}"] if getattr(args, "mesh", None) else [])
+    return out + model_dir_overrides(args.model, out) if getattr(args, "model", None) else out
 
 
 def _cfg(args, *, multi_process: bool = False):
@@ -129,7 +133,7 @@ def cmd_tokenizer_train(args):
     from ra3_jax.tokenizer import train_sentencepiece
 
     cfg = _cfg(args)
-    train_src = build_corpus(cfg.data)["train"]
+    train_src = build_corpus(cfg.data, cfg.chains)["train"]
     texts = (train_src[i]["text"].decode("utf-8") for i in range(len(train_src)))
     tok = train_sentencepiece(texts, args.vocab_size, args.out, input_sentence_size=args.max_lines)
     print(json.dumps({"out": os.path.abspath(args.out), "vocab_size": tok.vocab_size}))
@@ -205,10 +209,11 @@ def cmd_sample(args):
 
 
 def cmd_eval(args):
-    from ra3_jax.data.code_benchmarks import benchmark_dir, load_benchmark
-    from ra3_jax.evaluation.code_eval import DEFAULT_LIMITS, evaluate_model, make_format
+    from ra3_jax.data.code_benchmarks import benchmark_dir, benchmark_slug, load_benchmark
+    from ra3_jax.evaluation.benchmark_eval import canonical_generate, eval_sandbox, eval_summary
+    from ra3_jax.evaluation.code_eval import evaluate_model, make_format
+    from ra3_jax.evaluation.forcing import forced_format
     from ra3_jax.evaluation.passk import resolve_ks
-    from ra3_jax.execution import Limits, Sandbox
     from ra3_jax.train.context import resolve_tokenizer
 
     cfg = _cfg(args)
@@ -218,15 +223,11 @@ def cmd_eval(args):
     tasks = tasks[: args.limit] if args.limit else tasks
     tokenizer = None if args.canonical and args.prompt_format == "completion" else resolve_tokenizer(cfg)
     fmt = make_format(args.benchmark, args.prompt_format, args.mbpp_style, data_dir=data_dir, tokenizer=tokenizer)
-    base = DEFAULT_LIMITS[args.benchmark]
+    fmt = forced_format(fmt, args.mode, args.forced_prefix)  # --mode / --forced-prefix: prompt + prefix -> completion
     # --timeout: one wall limit (CPU limit + 1 s) for every program; by default each task gets task_limits.
-    limits = Limits(timeout_s=args.timeout, memory_mb=base.memory_mb) if args.timeout else None
-    sandbox = Sandbox(limits or base, workers=args.workers)
+    sandbox, limits = eval_sandbox(args.benchmark, args.timeout, args.workers)
     if args.canonical:  # harness self-check: the reference solutions instead of a model
-        by_prompt = {fmt.prompt(t): t for t in tasks}
-
-        def generate(prompts, n):
-            return [[by_prompt[p]["canonical_solution"]] * n for p in prompts]
+        generate = canonical_generate(tasks, fmt)
     else:
         import jax
 
@@ -237,32 +238,24 @@ def cmd_eval(args):
         sampler, params = _load_sampler(cfg, tokenizer)
         generate = sampler_generate(sampler, params, sp, args.max_new_tokens, fmt.stops, jax.random.key(args.seed))
 
-    out = args.out or os.path.join(cfg.train.out_dir, "eval", args.benchmark.replace("+", "_plus"))
+    out = args.out or os.path.join(cfg.train.out_dir, "eval", benchmark_slug(args.benchmark))
     run = dict(n_samples=args.n_samples, temperature=args.temperature, ks=ks, batch_tasks=args.batch_tasks)
     rep = evaluate_model(generate, tasks, fmt, sandbox, **run, out_dir=out, limits=limits)
     print(file=sys.stderr, flush=True)  # end the progress bar's line: the table starts on its own
     print(rep.table())
-    summary = {
-        "out": os.path.abspath(out),
-        "prompt_format": args.prompt_format,
-        "pass_at": rep.pass_at,
-        "status": rep.status_counts,
-        "sample_s": round(rep.sample_s, 2),
-        "check_s": round(rep.check_s, 2),
-        "programs_per_s": round(rep.programs_per_s, 2),
-        "sandbox_isolated": sandbox.isolated,
-    }
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(eval_summary(rep, out, sandbox, args.prompt_format), indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ra3", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_config(sp):
-        sp.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
+    def with_config(sp, model_dir=False):
+        sp.add_argument("--config", "-c", help="YAML config (configs/*.yaml)" + ("; optional with --model" if model_dir else ""))
         sp.add_argument("--mesh", default="", help="named mesh (launch/meshes/<name>.yaml) or a mesh file; same as mesh.name=")
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        if model_dir:
+            sp.add_argument("--model", default="", help="model directory (params, model_config.json, tokenizer); no model.*")
         return sp
 
     with_config(sub.add_parser("pretrain", help="NTP training from random init")).set_defaults(
@@ -283,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.set_defaults(fn=cmd_show_latents)
     with_config(sub.add_parser("eval-loss", help="held-out loss and bits per byte")).set_defaults(fn=cmd_eval_loss)
 
-    sm = with_config(sub.add_parser("sample", help="generate completions; prompts from a file or stdin, JSONL out"))
+    sm = with_config(sub.add_parser("sample", help="generate completions; prompts from a file or stdin, JSONL out"), True)
     sm.add_argument("--prompts", default="-", help="JSONL ({'prompt': ...}) or plain lines; '-' = stdin")
     sm.add_argument("--max-new-tokens", type=int, default=128)
     sm.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -296,10 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.set_defaults(fn=cmd_sample)
 
-    from ra3_jax.data.code_benchmarks import BENCHMARKS
+    from ra3_jax.data.code_benchmarks import BENCHMARKS, check_benchmark_name
+    from ra3_jax.evaluation.forcing import FORCED_PREFIXES
 
-    ev = with_config(sub.add_parser("eval", help="pass@k on HumanEval(+)/MBPP(+): sample, run the tests in the sandbox"))
-    ev.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    ev = with_config(sub.add_parser("eval", help="pass@k on HumanEval(+)/MBPP(+): sample, run the tests in the sandbox"), True)
+    bench = functools.partial(check_benchmark_name, error=argparse.ArgumentTypeError)  # a name or jsonl:PATH
+    ev.add_argument("--benchmark", required=True, type=bench, metavar="{" + ",".join(BENCHMARKS) + ",jsonl:PATH}")
     ev.add_argument("--split", default="test", help="test (default); MBPP also prompt/validation/train")
     ev.add_argument("--data-dir", default="", help="benchmark release files (default: $RA3_BENCHMARK_DIR)")
     ev.add_argument("--n-samples", type=int, default=1)
@@ -327,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds per program, every task (default: per benchmark and task, see task_limits)",
     )
     ev.add_argument("--canonical", action="store_true", help="check the reference solutions (harness self-test)")
+    ev.add_argument("--mode", default="free", choices=tuple(FORCED_PREFIXES), help=f"completion prefix: {FORCED_PREFIXES}")
+    ev.add_argument("--forced-prefix", default=None, help="text every completion starts with (replaces --mode's)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="", help="results folder (default: <train.out_dir>/eval/<benchmark>)")
     ev.set_defaults(fn=cmd_eval)
@@ -336,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp = sub.add_parser("report", help="PNG curves + Markdown table from run directories (metrics.jsonl)")
     rp.add_argument("runs", nargs="+", help="run directories (train.out_dir of rlvr / training runs)")
-    rp.add_argument("--out", required=True, help="folder for the PNGs and report.md")
+    rp.add_argument("--out", default="", help="folder for the PNGs and report.md (an experiment dir: itself)")
     rp.add_argument("--label", action="append", default=None, help="legend label per run (repeatable, in order)")
     rp.set_defaults(fn=cmd_report)
 
@@ -367,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True)
     tt.add_argument("--max-lines", type=int, default=0, help="sample at most this many lines (0 = all)")
     tt.set_defaults(fn=cmd_tokenizer_train)
+    from ra3_jax.experiments.commands import add_parsers
+
+    add_parsers(sub, with_config)
     return p
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ra3_jax.algorithms.grpo import Environment, run_grpo
 from ra3_jax.config import RunConfig
-from ra3_jax.data.code_benchmarks import benchmark_dir, load_benchmark
+from ra3_jax.data.code_benchmarks import benchmark_dir, humaneval_task, load_benchmark
 from ra3_jax.errors import TrainingError
 from ra3_jax.evaluation.benchmark_eval import greedy_pass_at_1
 from ra3_jax.evaluation.code_eval import HUMANEVAL_STOPS, PromptFormat, TaskFormat, cut_at_stops
@@ -23,7 +23,9 @@ from ra3_jax.train.context import build_run_context
 
 
 def read_task_file(path: str) -> list[dict]:
-    """Tasks of a JSONL file of {task_id, prompt, test[, prefix]} (one clear error per bad line)."""
+    """Tasks of a JSONL file of {task_id, prompt, test[, prefix]} (one clear error per bad line). A row with an
+    ``entry_point`` is HumanEval format (``ra3 eval --benchmark jsonl:PATH``'s): its test gets ``check(entry_point)``
+    appended (``data/code_benchmarks.py::humaneval_task``)."""
     path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise TrainingError(f"rlvr.tasks_file not found: {path}")
@@ -36,6 +38,11 @@ def read_task_file(path: str) -> list[dict]:
                 t = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TrainingError(f"{path}:{i}: not valid JSON ({e})") from None
+            if not isinstance(t, dict):
+                raise TrainingError(f"{path}:{i}: a task must be a JSON object, got {type(t).__name__}")
+            if "entry_point" in t:
+                tasks.append(humaneval_task(t, f"{path}:{i}"))
+                continue
             missing = {"prompt", "test"} - set(t)
             if missing:
                 raise TrainingError(f"{path}:{i}: task lacks {sorted(missing)} (needs prompt and test)")

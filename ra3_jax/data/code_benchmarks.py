@@ -7,10 +7,14 @@ sandbox in its own namespace). HumanEval+ and MBPP+ use the releases' check prog
 plus inputs against expected outputs with the task's ``atol``; HumanEval+/32 (``find_zero``) gets the special
 oracle ``|poly(xs, x)| <= atol`` in place of the release's (broken) output check, and MBPP+ 737/787/794 get the
 ``assert`` their release check forgot (without it, any program passes them).
+
+Any HumanEval-format JSONL file ({task_id, prompt, test, entry_point[, canonical_solution]} per line) is a
+benchmark too: ``jsonl:PATH`` (:func:`read_humaneval_jsonl`, read straight from the file, no tfds).
 """
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import json
 import os
@@ -21,6 +25,8 @@ import tensorflow_datasets as tfds
 from ra3_jax.errors import RA3Error
 
 BENCHMARKS = ("humaneval", "humaneval+", "mbpp", "mbpp_sanitized", "mbpp+")
+JSONL_PREFIX = "jsonl:"  # jsonl:PATH = the HumanEval-format tasks of a JSONL file
+HUMANEVAL_FIELDS = ("task_id", "prompt", "test", "entry_point")  # required; canonical_solution optional
 MANUAL_FILES = {
     "humaneval": "humaneval/HumanEval.jsonl.gz",
     "humaneval+": "humanevalplus/HumanEvalPlus-OriginFmt.jsonl.gz",
@@ -88,9 +94,36 @@ def benchmark_dir(configured: str | None = None) -> str | None:
     return configured or os.environ.get("RA3_BENCHMARK_DIR") or None
 
 
+def is_jsonl_benchmark(name: str) -> bool:
+    return name.startswith(JSONL_PREFIX)
+
+
+def check_benchmark_name(name: str, error: type[Exception] = BenchmarkError) -> str:
+    """``name`` when it names a benchmark (one of ``BENCHMARKS``, or ``jsonl:PATH``); else one clear line, with a
+    did-you-mean, as ``error`` (argparse's ArgumentTypeError for a command-line type)."""
+    if name in BENCHMARKS or (is_jsonl_benchmark(name) and name[len(JSONL_PREFIX) :].strip()):
+        return name
+    close = difflib.get_close_matches(name, BENCHMARKS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise error(
+        f"unknown benchmark {name!r}{hint}; choose one of {', '.join(BENCHMARKS)}, or jsonl:PATH (a HumanEval-format JSONL file)"
+    )
+
+
+def benchmark_slug(name: str) -> str:
+    """A benchmark's folder and metric name: ``humaneval+`` -> ``humaneval_plus``, ``jsonl:dir/x.jsonl`` -> ``jsonl_x``."""
+    if not is_jsonl_benchmark(name):
+        return name.replace("+", "_plus")
+    stem = os.path.basename(name[len(JSONL_PREFIX) :])
+    for ext in (".gz", ".jsonl", ".json"):
+        stem = stem.removesuffix(ext)
+    return f"jsonl_{stem}"
+
+
 def manual_path(name: str, manual_dir: str | os.PathLike | None) -> Path:
+    check_benchmark_name(name)
     if name not in BENCHMARKS:
-        raise BenchmarkError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+        raise BenchmarkError(f"{name} is a task file, not a benchmark release (read it with read_humaneval_jsonl)")
     if manual_dir:
         p = Path(manual_dir).expanduser() / MANUAL_FILES[name]
         if p.exists():
@@ -104,20 +137,69 @@ def manual_path(name: str, manual_dir: str | os.PathLike | None) -> Path:
     )
 
 
+def humaneval_task(row, where: str) -> dict:
+    """One HumanEval-format row ({task_id, prompt, test, entry_point[, canonical_solution]}) as a task: the
+    program is ``prefix`` (= the prompt) + completion, the test ends by calling ``check(entry_point)``.
+    ``where`` (e.g. ``PATH:LINE``) starts the one-line error about a bad row."""
+    if not isinstance(row, dict):
+        raise BenchmarkError(f"{where}: a task must be a JSON object, got {type(row).__name__}")
+    missing = [k for k in HUMANEVAL_FIELDS if k not in row]
+    if missing:
+        raise BenchmarkError(f"{where}: task lacks {missing} (HumanEval format: {', '.join(HUMANEVAL_FIELDS)})")
+    bad = [k for k in ("prompt", "test", "entry_point") if not isinstance(row[k], str)]
+    bad += [] if isinstance(row.get("canonical_solution") or "", str) else ["canonical_solution"]  # null = none
+    if bad:
+        raise BenchmarkError(f"{where}: task fields {bad} must be strings")
+    if not row["entry_point"].isidentifier():
+        raise BenchmarkError(f"{where}: entry_point {row['entry_point']!r} is not a function name")
+    return dict(
+        task_id=str(row["task_id"]),
+        prompt=row["prompt"],
+        entry_point=row["entry_point"],
+        prefix=row["prompt"],
+        canonical_solution=row.get("canonical_solution") or "",
+        test=f"{row['test']}\n\ncheck({row['entry_point']})\n",
+    )
+
+
+def read_humaneval_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The tasks of a HumanEval-format JSONL file (``.gz`` too), in file order, in the HumanEval loader's shape;
+    a missing or empty file, bad JSON, a non-object line, a missing field or a repeated task_id is one clear
+    line naming ``PATH:LINE``."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"task file not found: {path}")
+    tasks, seen = [], {}
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BenchmarkError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+                task = humaneval_task(row, f"{path}:{i}")
+                if task["task_id"] in seen:
+                    raise BenchmarkError(
+                        f"{path}:{i}: duplicate task_id {task['task_id']!r} (first on line {seen[task['task_id']]})"
+                    )
+                seen[task["task_id"]] = i
+                tasks.append({k: task.get(k, "") for k in _FEATURES})
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise BenchmarkError(f"cannot read task file {path}: {e}") from None
+    if not tasks:
+        raise BenchmarkError(f"{path}: no tasks (the file is empty; one JSON object per line: {', '.join(HUMANEVAL_FIELDS)})")
+    return tasks
+
+
 def _humaneval_example(name: str, r: dict) -> tuple[str, dict]:
     test = r["test"]
     if name == "humaneval+" and r["task_id"] == "HumanEval/32":
         if _FIND_ZERO_BROKEN not in test:
             raise BenchmarkError("HumanEval+/32: the release's check changed; update the find_zero oracle")
         test = test.replace(_FIND_ZERO_BROKEN, _FIND_ZERO_ORACLE)
-    return "test", dict(
-        task_id=r["task_id"],
-        prompt=r["prompt"],
-        entry_point=r["entry_point"],
-        prefix=r["prompt"],
-        canonical_solution=r["canonical_solution"],
-        test=f"{test}\n\ncheck({r['entry_point']})\n",
-    )
+    return "test", humaneval_task({**r, "test": test}, f"{name} {r.get('task_id')}")
 
 
 def _mbpp_example(r: dict) -> tuple[str, dict]:
@@ -222,10 +304,13 @@ def load_benchmark(
 ) -> list[dict]:
     """Prepares the benchmark's tfds dataset once (under ``tfds_dir``) and returns the split's tasks as dicts.
 
-    split: default "test". MBPP and sanitized MBPP also have "prompt", "validation" and "train".
+    split: default "test". MBPP and sanitized MBPP also have "prompt", "validation" and "train". ``jsonl:PATH``:
+    the file's tasks (:func:`read_humaneval_jsonl`; one split, test).
     """
-    if name not in BENCHMARKS:
-        raise BenchmarkError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    if is_jsonl_benchmark(check_benchmark_name(name)):
+        if split not in (None, "test"):
+            raise BenchmarkError(f"{name}: a task file has one split, test (got {split!r})")
+        return read_humaneval_jsonl(name[len(JSONL_PREFIX) :])
     manual = manual_path(name, data_dir)  # fails early with the download hint
     if data_dir and manual == Path(data_dir).expanduser() / MANUAL_FILES[name]:
         manual_dir = Path(data_dir).expanduser()

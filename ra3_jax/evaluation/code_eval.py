@@ -9,6 +9,7 @@ Prompt styles
 - Chat (:class:`ChatFormat`, instruct models, evalplus' format): the task (the HumanEval prompt, or the MBPP
   docstring) in a fenced block after an instruction, through the model's chat template; the assistant's turn
   opened with evalplus' response prefix and a ```python fence. The program is the completion's first code block.
+- ``jsonl:PATH`` (a HumanEval-format task file): as HumanEval. Forced completion prefixes: ``evaluation/forcing.py``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import re
 import time
 from collections.abc import Callable, Sequence
 
-from ra3_jax.data.code_benchmarks import BENCHMARKS, read_tasks
+from ra3_jax.data.code_benchmarks import JSONL_PREFIX, check_benchmark_name, read_tasks
 from ra3_jax.errors import InputError
+from ra3_jax.evaluation.forcing import has_thought
 from ra3_jax.evaluation.passk import mean_pass_at_k
 from ra3_jax.execution import Job, Limits, Sandbox
 
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+HUMANEVAL_STYLE = ("humaneval", JSONL_PREFIX)  # benchmarks prompted and checked as HumanEval
 MBPP_DOCSTRING_STOPS = ('\n"""', "\nassert", "\nif __name__", "\nprint(", "\n```", "\n# Test", "\n# test")
 MBPP_3SHOT_STOPS = ("[DONE]",)
 # Per-benchmark sandbox limits. The "+" checks run each task's base and plus inputs in one program (MBPP+/255's
@@ -93,8 +96,7 @@ class PromptFormat:
 
     @classmethod
     def create(cls, benchmark: str, mbpp_style: str = "docstring", data_dir=None) -> PromptFormat:
-        if benchmark not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+        check_benchmark_name(benchmark)
         if mbpp_style not in ("docstring", "3shot"):
             raise ValueError(f"mbpp_style must be 'docstring' or '3shot', got {mbpp_style!r}")
         shots = ()
@@ -112,12 +114,12 @@ class PromptFormat:
 
     @property
     def stops(self) -> tuple[str, ...]:
-        if self.benchmark.startswith("humaneval"):
+        if self.benchmark.startswith(HUMANEVAL_STYLE):
             return HUMANEVAL_STOPS
         return MBPP_3SHOT_STOPS if self.mbpp_style == "3shot" else MBPP_DOCSTRING_STOPS
 
     def prompt(self, task: dict) -> str:
-        if self.benchmark.startswith("humaneval"):
+        if self.benchmark.startswith(HUMANEVAL_STYLE):
             return task["prompt"]
         if self.mbpp_style == "docstring":
             return f'"""\n{task["description"]}\n{task["example_test"]}\n"""\n'
@@ -243,6 +245,9 @@ class EvalReport:
     sample_s: float
     check_s: float
     programs_per_s: float
+    think_rate: float = 0.0  # the fraction of samples whose forced prefix + completion holds a "# thought:" line
+    mode: str = "free"  # the forced-prefix mode (evaluation/forcing.py) and its prefix
+    forced_prefix: str = ""
 
     def table(self) -> str:
         ks = sorted(self.pass_at)
@@ -267,7 +272,7 @@ def check_completions(
     """Runs every completion's check; returns per-sample result rows (task-major).
 
     ``limits`` applies to every program as given; by default each task gets ``task_limits``."""
-    jobs, index, per_job = [], [], []
+    jobs, index, per_job, forced = [], [], [], getattr(fmt, "forced_prefix", "")
     for t, comps in zip(tasks, completions):
         lim = limits or task_limits(fmt.benchmark, t["task_id"])
         for s, c in enumerate(comps):
@@ -284,6 +289,7 @@ def check_completions(
             "status": r.status,
             "detail": r.detail,
             "cached": r.cached,
+            "thought": has_thought(forced + c),
         }
         for (tid, s, c), r in zip(index, results)
     ]
@@ -297,6 +303,7 @@ def summarize(
     ks: Sequence[int],
     sample_s: float = 0.0,
     check_s: float = 0.0,
+    fmt=None,
 ) -> EvalReport:
     per_task: dict[str, list[bool]] = {}
     status: dict[str, int] = {}
@@ -315,6 +322,9 @@ def summarize(
         sample_s,
         check_s,
         len(rows) / check_s if check_s else 0.0,
+        sum(bool(r.get("thought")) for r in rows) / len(rows) if rows else 0.0,
+        getattr(fmt, "mode", "free"),
+        getattr(fmt, "forced_prefix", ""),
     )
 
 
@@ -376,7 +386,7 @@ def evaluate_model(
     t1 = time.perf_counter()
     rows = check_completions(tasks, completions, fmt, sandbox, limits, progress=f"check {fmt.benchmark}" if progress else None)
     check_s = time.perf_counter() - t1
-    report = summarize(rows, fmt.benchmark, n_samples, temperature, ks, sample_s, check_s)
+    report = summarize(rows, fmt.benchmark, n_samples, temperature, ks, sample_s, check_s, fmt)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         tmp = os.path.join(out_dir, "results.jsonl.tmp")
