@@ -65,6 +65,14 @@ def cmd_export_hf(args):
 
 
 def cmd_report(args):
+    """Run directories -> curves and a table in ``--out``; an experiment directory (``ra3 experiment chains``)
+    -> its report.md and plots, written into it."""
+    from ra3_jax.evaluation.chains_report import is_experiment_dir, write_chains_report
     from ra3_jax.evaluation.report import write_report
 
+    if len(args.runs) == 1 and is_experiment_dir(args.runs[0]):
+        print(write_chains_report(args.runs[0]))
+        return
+    if not args.out:
+        raise RA3Error("ra3 report needs --out for run directories (only an experiment directory reports into itself)")
     print(write_report(args.runs, args.out, labels=args.label))

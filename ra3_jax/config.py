@@ -74,6 +74,21 @@ class DataSection:
 
 
 @dataclass
+class ChainsSection:
+    """The chains benchmark's generator (data/chains.py, CHAINS.md): data.source_dirs [chains:pretrain] or
+    [chains:midtrain] read its corpora; `ra3 chains export` writes its task splits."""
+
+    seed: int = 0
+    k_max: int = 6  # k uniform in 1..k_max
+    eval_per_k: int = 100  # held-out tasks per k (disjoint from every other split)
+    thought_fraction: float = 0.4  # pre-training programs that carry the worked thought
+    pretrain_docs: int = 60000
+    midtrain_docs: int = 4096
+    validation_docs: int = 512  # per corpus
+    rlvr_tasks: int = 2048
+
+
+@dataclass
 class MeshSection:
     # A named mesh (launch/meshes/<name>.yaml, or a path to such a file). When set, its sizes replace the ones
     # below and its device count is checked against the devices this run sees.
@@ -198,6 +213,8 @@ class RA3Section:
     eval_docs: int = 16  # held-out documents for the ELBO / NTP log-likelihood
     eval_candidates_per_doc: int = 4
     baseline: bool = False  # compute-matched NTP baseline: no E-step, same M-step batches and token budget
+    selection: Literal["best", "random"] = "best"  # random: the random-acceptance baseline (no selection)
+    random_accept_rate: float = 0.0  # selection=random: accept one uniformly chosen sample with this probability
 
 
 @dataclass
@@ -241,6 +258,7 @@ class RLPTSection:
 
 # The run config: one section per field, named as in the YAML files (``model:``, ``policy:``, ...).
 _SECTIONS = {"model": ModelSection, "tokenizer": TokenizerSection, "data": DataSection, "mesh": MeshSection}
+_SECTIONS |= {"chains": ChainsSection}
 _SECTIONS |= {"distributed": DistributedSection, "optim": OptimSection, "train": TrainSection, "policy": PolicySection}
 _SECTIONS |= {"eval": EvalSection, "ra3": RA3Section, "rlvr": RLVRSection, "rlpt": RLPTSection}
 RunConfig = dataclasses.make_dataclass("RunConfig", [(k, cls, field(default_factory=cls)) for k, cls in _SECTIONS.items()])
@@ -285,6 +303,8 @@ def _validate_ra3(r: RA3Section) -> None:
         raise ConfigError(
             f"ra3.alpha={r.alpha} must be in [0.5, 1]: c = log(alpha / (1 - alpha)) >= 0 (alpha = 1: no latent is accepted)"
         )
+    if not 0.0 <= r.random_accept_rate <= 1.0:
+        raise ConfigError(f"ra3.random_accept_rate={r.random_accept_rate} must be a probability in [0, 1]")
     keys = (
         "iterations",
         "candidates_per_doc",

@@ -18,6 +18,7 @@ LAYERS = [
     ("evaluation", ["evaluation/"]),
     ("training core", ["train/"]),
     ("algorithms", ["algorithms/"]),
+    ("experiments", ["experiments/"]),
     ("cli", ["commands", "cli"]),
 ]
 

@@ -80,7 +80,7 @@ class RLPTEnv(Environment):
     @classmethod
     def from_config(cls, cfg: RunConfig) -> RLPTEnv:
         v = cfg.rlpt
-        sources = build_corpus(cfg.data)
+        sources = build_corpus(cfg.data, cfg.chains)
         triples = corpus_triples(sources["train"], v.max_documents, v)
         if not triples:
             raise TrainingError("RLPT found no segment triples in the corpus (documents too short? lower rlpt.min_segment_chars)")

@@ -170,8 +170,11 @@ def tfds_build(data_dir: str, key: str):
                 os.rmdir(d)  # only empty dirs go
 
 
-def build_corpus(data_cfg) -> dict:
-    """Prepare (once, cached under data.tfds_dir) and return {'train': source, 'validation': source}."""
+def build_corpus(data_cfg, chains=None) -> dict:
+    """Prepare (once, cached under data.tfds_dir) and return {'train': source, 'validation': source}.
+    ``data.source_dirs: [chains:pretrain]`` / ``[chains:midtrain]``: the chains corpora of the ``chains`` section."""
+    if any(str(d).startswith("chains:") for d in data_cfg.source_dirs):
+        return _chains_corpus(data_cfg, chains)
     listed = list_source_files(data_cfg.source_dirs, data_cfg.include_glob, data_cfg.exclude_tests, data_cfg.max_files)
     # Validate every file up front (clear error on non-UTF-8) and drop empty ones, so the builder only sees
     # documents it can write and an all-empty tree is reported as such.
@@ -192,3 +195,13 @@ def build_corpus(data_cfg) -> dict:
     if "train" not in sources:
         raise CorpusError(f"empty corpus: all {len(files)} files fell into the validation split; lower data.validation_fraction")
     return {"train": sources["train"], "validation": sources.get("validation")}
+
+
+def _chains_corpus(data_cfg, chains) -> dict:
+    from ra3_jax.data.chains import ChainsSpec, corpus_sources
+
+    if len(data_cfg.source_dirs) != 1 or chains is None:
+        raise CorpusError(
+            "a chains corpus is the only source of its run: data.source_dirs=[chains:pretrain] or [chains:midtrain]"
+        )
+    return corpus_sources(ChainsSpec.of(chains), data_cfg.tfds_dir, str(data_cfg.source_dirs[0]).split(":", 1)[1])

@@ -110,7 +110,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
     ctx = build_run_context(cfg)
     check_batch(cfg, ctx.mesh)
     check_finite_epochs(cfg, ctx.mesh)
-    sources = build_corpus(cfg.data)
+    sources = build_corpus(cfg.data, cfg.chains)
     if cfg.data.seq_len > ctx.model_cfg.max_seq_len:
         log.warning("data.seq_len=%d exceeds the model's max_seq_len=%d", cfg.data.seq_len, ctx.model_cfg.max_seq_len)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
@@ -172,7 +172,7 @@ def evaluate_only(cfg: RunConfig) -> dict:
     from ra3_jax.train.context import make_run_mesh
 
     mesh = make_run_mesh(cfg)
-    sources = build_corpus(cfg.data)
+    sources = build_corpus(cfg.data, cfg.chains)
     if sources["validation"] is None:
         raise TrainingError("the corpus has no validation split; raise data.validation_fraction")
     tokenizer, model_cfg, params = load_model_and_tokenizer(cfg, mesh, key=jax.random.key(cfg.train.seed))

@@ -65,7 +65,7 @@ class EMRun:
 def load_documents(ctx: RunContext) -> tuple[list[Document], list[Document]]:
     """(train documents of all iterations, held-out documents) of the corpus."""
     cfg, r = ctx.cfg, ctx.cfg.ra3
-    sources = build_corpus(cfg.data)
+    sources = build_corpus(cfg.data, cfg.chains)
     if sources["validation"] is None:
         raise TrainingError(
             "RA3 evaluates the ELBO on held-out documents: the corpus has no validation split; raise data.validation_fraction"
@@ -294,6 +294,10 @@ def iteration_metrics(stats: dict, docs: list[Document]) -> dict:
         "estep/last_batch_gain": gm[-1] if gm else nan,
         "estep/tokens_per_s": (stats.get("generated_tokens", 0) + stats.get("scored_tokens", 0)) / max(sec, 1e-9) if sec else 0.0,
         "estep/seconds": sec,
+        # token counts of the E-step's work (the FLOP estimate of a compute-matched baseline starts from them)
+        "estep/prompt_tokens": stats.get("prompt_tokens", 0),
+        "estep/generated_tokens": stats.get("generated_tokens", 0),
+        "estep/scored_tokens": stats.get("scored_tokens", 0),
     }
 
 

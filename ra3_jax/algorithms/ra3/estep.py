@@ -166,6 +166,7 @@ class LatentProposer:
         self.model_cfg, self.tokenizer, self.mesh = model_cfg, tokenizer, mesh
         self.G = self.pol.group_size
         self.c = switch_cost(self.r.alpha)
+        self.seed = cfg.train.seed
         self.sampling = sampling_method(self.pol.temperature, self.pol.top_k, self.pol.top_p)
         self.dp = sharding.data_parallel_size(mesh)
         self.n_pairs = -(-self.r.estep_batch_docs // self.dp) * self.dp  # fixed shapes: pad candidates to this
@@ -314,13 +315,15 @@ class LatentProposer:
         batch, scored = self.scoring_batch(cands, groups)
         out = fetch(self.score(model_params, batch))
         gain, r_plus_c = self.terms(out, groups)
-        stats = select(cands, groups, gain - self.c, r_plus_c - self.c, latents_by_doc)
+        rnd = (self.r.random_accept_rate, self.seed) if self.r.selection == "random" else None
+        stats = select(cands, groups, gain - self.c, r_plus_c - self.c, latents_by_doc, random_accept=rnd)
         n = len(cands)
         stats.update(
             lp_sum=float(np.sum(np.asarray(out["lp_z"])[:n])),
             gain_sum=float(np.sum(gain)),
             gain_count=int(n * self.G),
             generated_tokens=int(sum(len(z["sampled"]) for g in groups for z in g)),
+            prompt_tokens=int(sum(len(c.prompt) + len(c.forced) for c in cands)),
             scored_tokens=scored,
         )
         if policy_state is not None:
@@ -344,12 +347,20 @@ class LatentProposer:
         return out
 
 
-def select(cands: list[Candidate], groups: list[list[dict]], S: np.ndarray, R: np.ndarray, latents_by_doc: dict) -> dict:
-    """Accept the best rationale of each candidate (by the selection score S) iff S > 0."""
+def select(
+    cands: list[Candidate], groups: list[list[dict]], S: np.ndarray, R: np.ndarray, latents_by_doc: dict, random_accept=None
+) -> dict:
+    """Accept the best rationale of each candidate (by the selection score S) iff S > 0. ``random_accept`` =
+    (rate, seed): the random-acceptance baseline instead: a uniformly chosen sample of the G, accepted with
+    probability ``rate``, scores unseen (seeded per document and boundary)."""
     accepted, lat_chars = 0, 0
     for i, c in enumerate(cands):
         g = int(np.argmax(S[i]))
-        if S[i, g] > 0:
+        take = S[i, g] > 0
+        if random_accept is not None:
+            rng = np.random.default_rng([random_accept[1], c.doc, c.step, len(c.prefix)])
+            take, g = bool(rng.random() < random_accept[0]), int(rng.integers(len(groups[i])))
+        if take:
             z = groups[i][g]
             latents_by_doc.setdefault(c.doc, {})[c.step] = {"text": z["text"], "score": float(S[i, g]), "reward": float(R[i, g])}
             accepted += 1
