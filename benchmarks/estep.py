@@ -61,7 +61,7 @@ def main():
     rounds = []
     for b in range(a.rounds + 1):
         idx = list(range(b * r.estep_batch_docs, (b + 1) * r.estep_batch_docs))
-        rounds.append(candidate_rounds(docs, idx, 1, (0, b))[0])
+        rounds.append(candidate_rounds(docs, idx, 1, (0, b), prop.first)[0])
 
     # E-step rounds (first = warm-up / compile)
     latents: dict = {}

@@ -2,10 +2,11 @@
 
 A latent at boundary t (before step a_t) is a rationale rendered as one Python comment line
 ``<indent of a_t><marker><body>\\n``, so a document with latents stays valid Python. ``render(doc, latents)`` is
-the document's text with its latents inserted; its token sequence is ``[start] + encode(render) + [eos]``,
-tokenized WHOLE (the canonical tokenization, exactly what the model reads and writes at generation time): the
-M-step trains on it, the E-step scores it and the bound evaluates it. ``start`` is BOS (or EOS when the
-tokenizer has no BOS) and appears once, at the start of a document.
+the document's text with its latents inserted; its token sequence is ``start + encode(render) + [eos]``,
+tokenized WHOLE (the canonical tokenization, exactly what the pre-training pipeline feeds and the model reads and
+writes at generation time): the M-step trains on it, the E-step scores it and the bound evaluates it. ``start``
+is ``[bos]`` when the tokenizer prepends one itself and empty otherwise (``start_ids``): never a token the model
+did not see in training.
 """
 
 from __future__ import annotations
@@ -73,8 +74,17 @@ def take_documents(source, tokenizer, r, n: int, seed: int) -> list[Document]:
     return out
 
 
-def start_id(tokenizer) -> int:
-    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+def start_ids(tokenizer) -> list[int]:
+    """The token(s) a document starts with: ``[bos]`` when the tokenizer prepends a BOS itself (``add_bos``, as the
+    pre-training pipeline and the sampler see every text), else none: a start token the model never saw in
+    training would shift and disturb everything after it. Without one, a document's first token is context
+    only (never scored) and no latent can go before the first step."""
+    return [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None else []
+
+
+def first_boundary(tokenizer) -> int:
+    """The first boundary a latent may take: 0 with a start token, else 1 (a latent needs context before it)."""
+    return 0 if start_ids(tokenizer) else 1
 
 
 def render_latent(indent: str, marker: str, body: str) -> str:
@@ -92,12 +102,9 @@ def render(doc: Document, latents: dict, upto: int | None = None) -> str:
 
 
 def encode_text(text: str, tokenizer) -> list[int]:
-    """``[start] + encode(text)``: the canonical tokens of a document prefix (no eos; one start token even when
-    the tokenizer adds a BOS itself)."""
-    ids = list(tokenizer.encode(text))
-    if getattr(tokenizer, "add_bos", False) and ids and ids[0] == tokenizer.bos_id:
-        ids = ids[1:]
-    return [start_id(tokenizer)] + ids
+    """``start_ids + encode(text)``: the canonical tokens of a document prefix (no eos), exactly as the
+    pre-training pipeline tokenizes a document."""
+    return encode_texts([text], tokenizer)[0]
 
 
 def doc_sequence(doc: Document, latents: dict, tokenizer) -> tuple[list[int], list[int]]:
@@ -120,8 +127,9 @@ def latent_token_mask(toks: list[int], spans: list[tuple[int, int]], tokenizer) 
     if not spans:
         return [0] * len(toks)
     lengths = tokenizer.token_bytes()
-    mask, pos = [0], 0
-    for tok in toks[1:-1]:
+    n0 = len(start_ids(tokenizer))
+    mask, pos = [0] * n0, 0
+    for tok in toks[n0:-1]:
         mask.append(int(any(lo <= pos < hi for lo, hi in spans)))
         pos += int(lengths[tok])
     return mask + [0]
@@ -129,11 +137,11 @@ def latent_token_mask(toks: list[int], spans: list[tuple[int, int]], tokenizer) 
 
 def encode_texts(texts: list[str], tokenizer) -> list[list[int]]:
     """``encode_text`` of many texts in one tokenizer call."""
-    start, strip = start_id(tokenizer), getattr(tokenizer, "add_bos", False)
+    start, strip = start_ids(tokenizer), getattr(tokenizer, "add_bos", False)
     out = []
     for ids in tokenizer.encode_batch(list(texts)):
         ids = list(ids)
-        out.append([start] + (ids[1:] if strip and ids and ids[0] == tokenizer.bos_id else ids))
+        out.append(start + (ids[1:] if strip and ids and ids[0] == tokenizer.bos_id else ids))
     return out
 
 

@@ -5,7 +5,7 @@ Modules, in the order one EM iteration runs them: ``em`` (orchestration: E-step 
 bound per byte). Documents live in ``ra3_jax/data/documents.py``.
 """
 
-from ra3_jax.data.documents import Document, doc_sequence, make_documents, start_id, take_documents
+from ra3_jax.data.documents import Document, doc_sequence, make_documents, start_ids, take_documents
 
 from .bound import evaluate_bound, path_log_likelihoods
 from .em import midtrain_ra3, run_estep
@@ -22,6 +22,6 @@ __all__ = [
     "midtrain_ra3",
     "path_log_likelihoods",
     "run_estep",
-    "start_id",
+    "start_ids",
     "take_documents",
 ]

@@ -23,7 +23,7 @@ def select_eval_latents(proposer: LatentProposer, params, docs: list[Document], 
         return latents
     for b0 in range(0, len(docs), B):
         idx = list(range(b0, min(b0 + B, len(docs))))
-        for j, rnd in enumerate(candidate_rounds(docs, idx, r.eval_candidates_per_doc, (seed, 7))):
+        for j, rnd in enumerate(candidate_rounds(docs, idx, r.eval_candidates_per_doc, (seed, 7), proposer.first)):
             cands = [proposer.candidate(docs, d, t, latents.get(d, {})) for d, t in rnd]
             proposer.run_round(cands, latents, jax.random.fold_in(key, b0 * 1000 + j), model_params=params)
     return latents

@@ -245,7 +245,7 @@ def run_estep(proposer: LatentProposer, model_params, docs: list[Document], k: i
     def step(st: EStepState, b: int):  # loop step b = E-step batch b - 1
         idx = list(range((b - 1) * B, min(b * B, len(docs))))
         pg_loss = 0.0
-        for j, rnd in enumerate(candidate_rounds(docs, idx, r.candidates_per_doc, (cfg.train.seed, k))):
+        for j, rnd in enumerate(candidate_rounds(docs, idx, r.candidates_per_doc, (cfg.train.seed, k), proposer.first)):
             cands = [proposer.candidate(docs, d, t, st.latents.get(d, {})) for d, t in rnd]
             rkey = jax.random.fold_in(key, (b - 1) * 1000 + j)
             st.policy, s = proposer.run_round(cands, st.latents, rkey, policy_state=st.policy, model_params=model_params)

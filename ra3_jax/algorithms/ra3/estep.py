@@ -27,7 +27,7 @@ import numpy as np
 
 from ra3_jax import sharding
 from ra3_jax.config import RunConfig
-from ra3_jax.data.documents import Document, encode_text, render, render_latent, scoring_rows, span_mask
+from ra3_jax.data.documents import Document, encode_text, first_boundary, render, render_latent, scoring_rows, span_mask
 from ra3_jax.data.pipeline import pad_rows
 from ra3_jax.distributed import fetch, put_global
 from ra3_jax.model.llama import LlamaConfig
@@ -167,6 +167,7 @@ class LatentProposer:
         self.G = self.pol.group_size
         self.c = switch_cost(self.r.alpha)
         self.seed = cfg.train.seed
+        self.first = first_boundary(tokenizer)  # no latent before the first step without a start token
         self.sampling = sampling_method(self.pol.temperature, self.pol.top_k, self.pol.top_p)
         self.dp = sharding.data_parallel_size(mesh)
         self.n_pairs = -(-self.r.estep_batch_docs // self.dp) * self.dp  # fixed shapes: pad candidates to this
@@ -376,14 +377,17 @@ def select(
 
 
 # ----------------------------------------------------------------------------------------- rounds and batches
-def choose_candidates(doc: Document, k: int, rng: np.random.Generator) -> list[int]:
-    T = doc.num_steps
-    return sorted(rng.choice(T, size=min(k, T), replace=False).tolist())
+def choose_candidates(doc: Document, k: int, rng: np.random.Generator, first: int = 0) -> list[int]:
+    """``k`` boundaries of ``doc`` among ``first .. T - 1`` (``documents.first_boundary``), sorted."""
+    n = max(doc.num_steps - first, 0)
+    return sorted((first + rng.choice(n, size=min(k, n), replace=False)).tolist()) if n else []
 
 
-def candidate_rounds(docs: list[Document], indices: list[int], K: int, seed_parts: tuple) -> list[list[tuple[int, int]]]:
+def candidate_rounds(
+    docs: list[Document], indices: list[int], K: int, seed_parts: tuple, first: int = 0
+) -> list[list[tuple[int, int]]]:
     """Round j = the j-th (in document order) candidate boundary of every document that has one."""
-    per_doc = {d: choose_candidates(docs[d], K, np.random.default_rng([*seed_parts, d])) for d in indices}
+    per_doc = {d: choose_candidates(docs[d], K, np.random.default_rng([*seed_parts, d]), first) for d in indices}
     rounds = []
     for j in range(K):
         rnd = [(d, ts[j]) for d, ts in per_doc.items() if j < len(ts)]
