@@ -476,7 +476,7 @@ def test_synthetic_hidden_plan_estep_discovers_plans(tmp_path, tfds_dir):
                 "ra3.horizon_steps=1",
                 "ra3.alpha=0.7",
                 "ra3.estep_batch_docs=16",
-                "ra3.estep_lr=1e-4",
+                "ra3.estep_lr=1e-3",
                 "ra3.mstep_steps=20",
                 "ra3.eval_docs=48",
                 "ra3.eval_candidates_per_doc=2",
@@ -486,7 +486,7 @@ def test_synthetic_hidden_plan_estep_discovers_plans(tmp_path, tfds_dir):
         )
     )
     print("synthetic:", {k: round(v, 4) for k, v in res.items() if "gain" in k or "bound" in k or "ntp" in k or "lp" in k})
-    assert res["estep/last_batch_gain"] > res["estep/first_batch_gain"] + 0.5, res
+    assert res["estep/last_batch_gain"] > res["estep/first_batch_gain"] + 1.0, res
     # the selected latents already give the starting model a better held-out bound than its NTP likelihood
     assert res["eval/bound_nats_per_byte@start"] > res["eval/ntp_nats_per_byte@start"], res
     # ... and still after the M-step (its model, its selection). (Before documents lost their BOS start token, which

@@ -272,12 +272,17 @@ def run_experiment(ex: Experiment) -> dict:
                 rows += eval_stage(ex, seed, arm, dirs[arm], tasks)
         for start in ex.rlvr_starts:
             rlvr_stage(ex, seed, start, dirs.get(start) or arm_stage(ex, seed, start, base_dir))
+        write_results(ex, rows, gate, ex.seeds[: ex.seeds.index(seed) + 1])  # the report grows seed by seed
+    return {"out": ex.out, "rows": len(rows), "report": ex.path("report.md")}
+
+
+def write_results(ex: Experiment, rows: list[dict], gate: dict, seeds: list[int]) -> None:
+    """results.jsonl, experiment.json (the seeds finished so far) and the report."""
     export_jsonl(rows, ex.path("results.jsonl"))
-    meta = {"seeds": ex.seeds, "arms": list(ex.arms), "rlvr_starts": list(ex.rlvr_starts), "configs": ex.configs}
+    meta = {"seeds": seeds, "arms": list(ex.arms), "rlvr_starts": list(ex.rlvr_starts), "configs": ex.configs}
     meta |= {"overrides": ex.overrides, "samples": ex.samples, "temperature": ex.temperature, "gate": gate["step_acc"]}
     with open(ex.path("experiment.json"), "w") as f:
         json.dump(meta, f, indent=1)
     from ra3_jax.evaluation.chains_report import write_chains_report
 
     write_chains_report(ex.out)
-    return {"out": ex.out, "rows": len(rows), "report": ex.path("report.md")}
