@@ -224,3 +224,14 @@ def test_corrupt_rlvr_metrics(tmp_path):
     path.write_text(path.read_text() + '{"step": 40, "eval/jsonl_eval/pass@1": \n')
     with pytest.raises(ReportError, match=re.escape(f"{path}:9: corrupt line")):
         write_chains_report(exp)
+
+
+def test_banned_below_ntp_counts_as_causal(tmp_path):
+    """(ii) is one-sided: RA3 without its thoughts falling BELOW NTP (to the no-thinking level) passes; a RA3
+    banned mode more than 5 points above NTP's does not."""
+    below = {**HARD, ("ntp", "banned"): 0.30, ("ra3", "banned"): 0.22}
+    md = write_chains_report(make_exp(tmp_path / "below", hard=below, rlvr={}))
+    assert verdict(md, "ii") == "PASS" and "gap -8.0 points" in md
+    above = {**HARD, ("ntp", "banned"): 0.30, ("ra3", "banned"): 0.38}
+    md = write_chains_report(make_exp(tmp_path / "above", hard=above, rlvr={}))
+    assert verdict(md, "ii") == "FAIL" and "gap +8.0 points" in md

@@ -21,9 +21,8 @@ MODES = ("free", "forced", "banned")
 DECODINGS = ("greedy", "t0.8")
 HARD_KS, NTP_ARMS, RLVR_STARTS = (4, 5, 6), ("ntp", "ntp_flops"), ("base", "ntp", "ra3")
 RLVR_PASS, RLVR_THINK = "eval/jsonl_eval/pass@1", "eval/jsonl_eval/think_rate"
-RLVR_THRESHOLD = 0.5
-MARGIN = 0.10  # (i) "beats by >= 10 points"; (ii) "well below RA3's free mode" = at least this far below
-LEVEL = 0.05  # (ii) "about NTP's level" = within this many points
+RLVR_THRESHOLD, MARGIN = 0.5, 0.10  # MARGIN: (i) "beats by >= 10 points"; (ii) "well below RA3's free mode" = at least this far
+LEVEL = 0.05  # (ii) "about NTP's level" = at most this many points above it
 EPS = 1e-9
 REQUIRED = {"seed": int, "arm": str, "mode": str, "decoding": str, "k": int, "pass@1": float}
 KIND = {str: "a string", int: "an integer", float: "a number"}
@@ -209,11 +208,13 @@ def _verdict_ii(cells: Cells) -> str:
     if not free or not banned or not ntp:
         return "- (ii) **n.a.** — needs greedy rows on k 4..6 for RA3 free, RA3 banned and NTP banned."
     level, drop = _mean(banned) - _mean(ntp), _mean(free) - _mean(banned)
-    ok = lambda f, b, n: abs(b - n) <= LEVEL + EPS and f - b >= MARGIN - EPS
+    # "falls to about NTP's level": no better than NTP without thoughts (below it shows the same), well below free
+    ok = lambda f, b, n: b - n <= LEVEL + EPS and f - b >= MARGIN - EPS
     verdict = "PASS" if ok(_mean(free), _mean(banned), _mean(ntp)) else "FAIL"
     return (
         f"- (ii) **{verdict}** — RA3 banned {100 * _mean(banned):.1f}% vs NTP banned {100 * _mean(ntp):.1f}%: "
-        f"gap {100 * level:+.1f} points (|gap| <= {100 * LEVEL:.0f} needed); RA3 free {100 * _mean(free):.1f}% is "
+        f"gap {100 * level:+.1f} points (<= +{100 * LEVEL:.0f} needed: at or below about NTP's level); "
+        f"RA3 free {100 * _mean(free):.1f}% is "
         f"{100 * drop:.1f} points above RA3 banned (>= {100 * MARGIN:.0f} needed); "
         f"it {_every_seed([free, banned, ntp], ok)}."
     )
