@@ -7,14 +7,13 @@ step 0) greedy pass@1 on ``eval.benchmarks`` is logged. The loop, update and che
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from ra3_jax.algorithms.grpo import Environment, run_grpo
 from ra3_jax.config import RunConfig
-from ra3_jax.data.code_benchmarks import benchmark_dir, humaneval_task, load_benchmark
+from ra3_jax.data.code_benchmarks import benchmark_dir, humaneval_task, jsonl_rows, load_benchmark
 from ra3_jax.errors import TrainingError
 from ra3_jax.evaluation.benchmark_eval import greedy_pass_at_1
 from ra3_jax.evaluation.code_eval import HUMANEVAL_STOPS, PromptFormat, TaskFormat, cut_at_stops
@@ -30,24 +29,17 @@ def read_task_file(path: str) -> list[dict]:
     if not os.path.exists(path):
         raise TrainingError(f"rlvr.tasks_file not found: {path}")
     tasks = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                t = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainingError(f"{path}:{i}: not valid JSON ({e})") from None
-            if not isinstance(t, dict):
-                raise TrainingError(f"{path}:{i}: a task must be a JSON object, got {type(t).__name__}")
-            if "entry_point" in t:
-                tasks.append(humaneval_task(t, f"{path}:{i}"))
-                continue
-            missing = {"prompt", "test"} - set(t)
-            if missing:
-                raise TrainingError(f"{path}:{i}: task lacks {sorted(missing)} (needs prompt and test)")
-            task = {"task_id": str(t.get("task_id", i)), "prompt": t["prompt"], "test": t["test"]}
-            tasks.append({**task, "prefix": t.get("prefix", t["prompt"])})
+    for i, t in jsonl_rows(path, TrainingError):
+        if not isinstance(t, dict):
+            raise TrainingError(f"{path}:{i}: a task must be a JSON object, got {type(t).__name__}")
+        if "entry_point" in t:
+            tasks.append(humaneval_task(t, f"{path}:{i}"))
+            continue
+        missing = {"prompt", "test"} - set(t)
+        if missing:
+            raise TrainingError(f"{path}:{i}: task lacks {sorted(missing)} (needs prompt and test)")
+        task = {"task_id": str(t.get("task_id", i)), "prompt": t["prompt"], "test": t["test"]}
+        tasks.append({**task, "prefix": t.get("prefix", t["prompt"])})
     return tasks
 
 

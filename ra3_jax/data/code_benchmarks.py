@@ -162,6 +162,24 @@ def humaneval_task(row, where: str) -> dict:
     )
 
 
+def jsonl_rows(path: str, error=BenchmarkError):
+    """(line number, parsed JSON) of each non-blank line of a JSONL file (``.gz`` too); bad JSON or an unreadable
+    file is one ``error`` line naming ``PATH:LINE`` / the file."""
+    rows = []
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((i, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise error(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise error(f"cannot read task file {path}: {e}") from None
+    return rows
+
+
 def read_humaneval_jsonl(path: str | os.PathLike) -> list[dict]:
     """The tasks of a HumanEval-format JSONL file (``.gz`` too), in file order, in the HumanEval loader's shape;
     a missing or empty file, bad JSON, a non-object line, a missing field or a repeated task_id is one clear
@@ -170,24 +188,12 @@ def read_humaneval_jsonl(path: str | os.PathLike) -> list[dict]:
     if not os.path.isfile(path):
         raise BenchmarkError(f"task file not found: {path}")
     tasks, seen = [], {}
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BenchmarkError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-                task = humaneval_task(row, f"{path}:{i}")
-                if task["task_id"] in seen:
-                    raise BenchmarkError(
-                        f"{path}:{i}: duplicate task_id {task['task_id']!r} (first on line {seen[task['task_id']]})"
-                    )
-                seen[task["task_id"]] = i
-                tasks.append({k: task.get(k, "") for k in _FEATURES})
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise BenchmarkError(f"cannot read task file {path}: {e}") from None
+    for i, row in jsonl_rows(path, BenchmarkError):
+        task = humaneval_task(row, f"{path}:{i}")
+        if task["task_id"] in seen:
+            raise BenchmarkError(f"{path}:{i}: duplicate task_id {task['task_id']!r} (first on line {seen[task['task_id']]})")
+        seen[task["task_id"]] = i
+        tasks.append({k: task.get(k, "") for k in _FEATURES})
     if not tasks:
         raise BenchmarkError(f"{path}: no tasks (the file is empty; one JSON object per line: {', '.join(HUMANEVAL_FIELDS)})")
     return tasks
