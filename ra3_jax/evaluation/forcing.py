@@ -16,9 +16,17 @@ from ra3_jax.errors import InputError
 from ra3_jax.execution import Job
 
 
+def thought_line(text: str) -> str | None:
+    """The body of the first line of ``text`` whose stripped text starts with ``# thought:``, or None."""
+    for line in text.splitlines():
+        if line.strip().startswith(THOUGHT_MARKER):
+            return line.strip()[len(THOUGHT_MARKER) :].strip()
+    return None
+
+
 def has_thought(text: str) -> bool:
     """Whether a line of ``text``, stripped, starts with ``# thought:``."""
-    return any(line.strip().startswith(THOUGHT_MARKER) for line in text.splitlines())
+    return thought_line(text) is not None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -177,18 +177,22 @@ def flops_ratio(run_dir: str, cfg: RunConfig, n_params: int) -> float:
     """(E-step + M-step FLOPs) / M-step FLOPs of an RA3 run: 2N per token forward, 6N forward+backward.
     E-step: proposal prefill (2N x prompt), sampling (2N x generated), scoring (2N x scored), PG update (2N x
     prompt + 6N x generated); M-step: 6N x the M-step tokens."""
-    with open(os.path.join(run_dir, "ra3_metrics.jsonl")) as f:
-        rows = [json.loads(x) for x in f if x.strip()]
-    rows = [r for r in rows if r["iteration"] >= 0]
+    rows = iteration_rows(run_dir)
     e = sum(2 * (2 * r["estep/prompt_tokens"] + r["estep/generated_tokens"] + r["estep/scored_tokens"]) for r in rows)
     e += sum(6 * r["estep/generated_tokens"] for r in rows)
     m = 6 * len(rows) * cfg.ra3.mstep_steps * cfg.data.batch_size * cfg.data.seq_len
     return (e + m) / m
 
 
+def iteration_rows(run_dir: str) -> list[dict]:
+    """The EM iterations' rows of an RA3 run's ra3_metrics.jsonl (the start model's row -1 left out)."""
+    from ra3_jax.train.loop import read_jsonl
+
+    return [r for r in read_jsonl(os.path.join(run_dir, "ra3_metrics.jsonl")) if r["iteration"] >= 0]
+
+
 def accept_rate(run_dir: str) -> float:
-    with open(os.path.join(run_dir, "ra3_metrics.jsonl")) as f:
-        rows = [r for r in map(json.loads, filter(str.strip, f)) if r["iteration"] >= 0]
+    rows = iteration_rows(run_dir)
     return sum(r["estep/accepted_fraction"] for r in rows) / len(rows)
 
 

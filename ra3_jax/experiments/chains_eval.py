@@ -14,24 +14,15 @@ import re
 
 import numpy as np
 
-from ra3_jax.data.chains import MARKER, parse_prompt
+from ra3_jax.data.chains import parse_prompt
 from ra3_jax.data.code_benchmarks import humaneval_task
 from ra3_jax.evaluation.code_eval import PromptFormat, evaluate_model, sampler_generate
-from ra3_jax.evaluation.forcing import forced_format
+from ra3_jax.evaluation.forcing import forced_format, thought_line
 from ra3_jax.evaluation.passk import pass_at_k
 from ra3_jax.execution import Limits, Sandbox
 
 CHAINS_LIMITS = Limits(timeout_s=5.0, memory_mb=512)
 _STEP = re.compile(r"^(\d+)([+*-])(\d+)=(\d+)$")
-
-
-def thought_line(text: str) -> str | None:
-    """The body of the first ``# thought:`` line of a solution body, or None when it does not think
-    (``forcing.has_thought`` is the same test)."""
-    for line in text.split("\n"):
-        if line.strip().startswith(MARKER):
-            return line.strip()[len(MARKER) :].strip()
-    return None
 
 
 def step_accuracy(prompt: str, thought: str) -> float:
