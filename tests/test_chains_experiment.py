@@ -48,7 +48,7 @@ def test_reduced_chains_experiment_end_to_end(tmp_path, tfds_dir, capsys):
     from ra3_jax.experiments.chains import load_model_dir
 
     out = tmp_path / "chains"
-    args = ["experiment", "chains", "--seeds", "1", "--out", str(out), "--samples", "2", "--gate", "0"]
+    args = ["experiment", "chains", "--seeds", "1", "--out", str(out), "--samples", "2", "--gate", "0", "--base-step", "3"]
     args += [f"data.tfds_dir={tfds_dir}", "train.progress=false", *REDUCED]
     assert main(args) == 0
     for arm in ARMS:
@@ -75,3 +75,14 @@ def test_reduced_chains_experiment_end_to_end(tmp_path, tfds_dir, capsys):
     assert main(args) == 0  # every stage is done: nothing reruns
     assert "[chains] seed 0:" not in capsys.readouterr().err
     assert (out / "results.jsonl").read_text() == before
+    # the base is pre-training step 3 of 6 (a weaker base), read without discarding step 6
+    import jax
+    import numpy as np
+
+    base = load_model_dir(str(out / "seed0" / "base" / "model"))[1]
+    step3, step6 = (load_model_dir(str(out / "pretrain"), s)[1] for s in (3, 6))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(step3)))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(step6)))
+    other = [a if a != "3" else "6" for a in args]  # another base in the same dir would mix arms from two bases
+    assert main(other) == 2
+    assert "was run with --base-step 3" in capsys.readouterr().err

@@ -41,6 +41,7 @@ class Experiment:
     samples: int = 10
     temperature: float = 0.8
     gate: float = 0.8
+    base_step: int = 0  # the pre-training checkpoint step the arms start from (0: the last; an earlier one = a weaker base)
 
     def __post_init__(self):
         self.out = os.path.abspath(os.path.expanduser(self.out))
@@ -89,9 +90,9 @@ def say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ model dirs
-def load_model_dir(path: str):
-    """(model config, params, tokenizer) of a model directory or a training run (its latest checkpoint), on one
-    local device."""
+def load_model_dir(path: str, step: int = 0):
+    """(model config, params, tokenizer) of a model directory or a training run (its checkpoint ``step``; 0: the
+    latest), on one local device."""
     import jax
 
     from ra3_jax.model.store import check_model_dir, read_model_config, restore_params_from_dir
@@ -101,14 +102,15 @@ def load_model_dir(path: str):
     path = check_model_dir(path)
     cfg = read_model_config(path)
     mesh = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
-    return cfg, restore_params_from_dir(path, cfg, mesh), load_from_dir(path)
+    return cfg, restore_params_from_dir(path, cfg, mesh, step), load_from_dir(path)
 
 
-def export_model_dir(run_dir: str, model_dir: str) -> None:
-    """The latest checkpoint of a training run as a model directory (params + config + tokenizer), atomically."""
+def export_model_dir(run_dir: str, model_dir: str, step: int = 0) -> None:
+    """A training run's checkpoint ``step`` (0: the latest) as a model directory (params + config + tokenizer),
+    atomically."""
     from ra3_jax.model.store import save_model_dir
 
-    cfg, params, tok = load_model_dir(run_dir)
+    cfg, params, tok = load_model_dir(run_dir, step)
     save_model_dir(model_dir, params, cfg, tok, overwrite=True)
 
 
@@ -119,9 +121,12 @@ def pretrain_stage(ex: Experiment) -> str:
     from ra3_jax.train.ntp import train
 
     model_dir = ex.path("pretrain", "model")
+    check_base_step(ex)
     if os.path.isdir(model_dir):
         return model_dir
     cfg = ex.cfg("pretrain", [f"train.out_dir={ex.path('pretrain')}"])
+    if ex.base_step > cfg.train.steps:
+        raise InputError(f"--base-step {ex.base_step} is past the pre-training's {cfg.train.steps} steps")
     if not os.path.isdir(ex.path("tokenizer")):
         say("training the tokenizer on the pre-training corpus")
         src = build_chains(ex.spec, cfg.data.tfds_dir)["pretrain"]
@@ -129,9 +134,26 @@ def pretrain_stage(ex: Experiment) -> str:
         train_sentencepiece(texts, cfg.model.vocab_size, ex.path("tokenizer.tmp"))
         os.replace(ex.path("tokenizer.tmp"), ex.path("tokenizer"))
     say(f"pre-training ({cfg.train.steps} steps) -> {ex.path('pretrain')}")
-    train(cfg, mode="pretrain")
-    export_model_dir(ex.path("pretrain"), model_dir)
+    if not os.path.isdir(ex.path("pretrain", "checkpoints", str(cfg.train.steps))):
+        train(cfg, mode="pretrain")
+    export_model_dir(ex.path("pretrain"), model_dir, ex.base_step)
     return model_dir
+
+
+def check_base_step(ex: Experiment) -> None:
+    """One base per experiment dir: the first run records ``base_step`` in OUT/base.json; a later run with another
+    one would mix arms from two bases, so it is refused."""
+    path = ex.path("base.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            was = json.load(f)["base_step"]
+        if was != ex.base_step:
+            raise InputError(f"{ex.out} was run with --base-step {was}, not {ex.base_step}: use that, or another --out")
+        return
+    os.makedirs(ex.out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"base_step": ex.base_step}, f)
+    os.replace(path + ".tmp", path)
 
 
 def data_stage(ex: Experiment) -> list[dict]:
@@ -285,6 +307,7 @@ def write_results(ex: Experiment, rows: list[dict], gate: dict, seeds: list[int]
     export_jsonl(rows, ex.path("results.jsonl"))
     meta = {"seeds": seeds, "arms": list(ex.arms), "rlvr_starts": list(ex.rlvr_starts), "configs": ex.configs}
     meta |= {"overrides": ex.overrides, "samples": ex.samples, "temperature": ex.temperature, "gate": gate["step_acc"]}
+    meta["base_step"] = ex.base_step
     with open(ex.path("experiment.json"), "w") as f:
         json.dump(meta, f, indent=1)
     from ra3_jax.evaluation.chains_report import write_chains_report

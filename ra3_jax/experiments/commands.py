@@ -34,6 +34,7 @@ def add_parsers(sub, with_config) -> None:
     c.add_argument("--samples", type=int, default=10, help="temperature samples per task (pass@1 / pass@10)")
     c.add_argument("--temperature", type=float, default=0.8)
     c.add_argument("--gate", type=float, default=0.8, help="required forced-mode thought-step accuracy of the base model")
+    c.add_argument("--base-step", type=int, default=0, help="pre-training checkpoint step the arms start from (0: the last)")
     for stage, name in DEFAULT_CONFIGS.items():
         c.add_argument(f"--{stage}-config", default="", help=f"default: configs/{name}")
     c.add_argument("overrides", nargs="*", help="key=value for every stage, or stage:key=value (pretrain|midtrain|rlvr)")
@@ -80,5 +81,6 @@ def cmd_experiment_chains(args):
         samples=args.samples,
         temperature=args.temperature,
         gate=args.gate,
+        base_step=args.base_step,
     )
     print(json.dumps(run_experiment(ex), indent=1))

@@ -132,7 +132,9 @@ def load_model(section, mesh, key=None) -> tuple[LlamaConfig, dict]:
     raise CheckpointError(f"unknown model.init {section.init!r}")
 
 
-def restore_params_from_dir(path: str, cfg: LlamaConfig, mesh):
+def restore_params_from_dir(path: str, cfg: LlamaConfig, mesh, step: int = 0):
+    """The params of a model dir, or of a training run's checkpoint ``step`` (0: the latest; a chosen step is read
+    without touching the later ones)."""
     target = abstract_params(cfg, mesh)
     if os.path.isdir(os.path.join(path, "params")):
         try:
@@ -144,6 +146,12 @@ def restore_params_from_dir(path: str, cfg: LlamaConfig, mesh):
 
         ck = RunCheckpointer(os.path.join(path, "checkpoints"), async_save=False, resume_override=None)
         try:
+            if step:
+                have = ck.steps()
+                if step not in have:
+                    raise CheckpointError(f"{path} has no checkpoint step {step}; steps: {', '.join(map(str, have)) or 'none'}")
+                ck.check_step(step)
+                return ck.restore_params(step, target)
             step = ck.pick_step()  # the latest step, checked: a damaged one is a CheckpointIOError naming the file
             if step is None:
                 raise CheckpointError(f"run directory {path} has no finished checkpoint")
