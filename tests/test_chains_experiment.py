@@ -86,3 +86,17 @@ def test_reduced_chains_experiment_end_to_end(tmp_path, tfds_dir, capsys):
     other = [a if a != "3" else "6" for a in args]  # another base in the same dir would mix arms from two bases
     assert main(other) == 2
     assert "was run with --base-step 3" in capsys.readouterr().err
+    # a sweep shares that pre-training (linked, not retrained) and may start from another of its steps
+    out2 = tmp_path / "sweep"
+    sweep = ["experiment", "chains", "--seeds", "1", "--out", str(out2), "--samples", "0", "--gate", "0"]
+    sweep += ["--base-step", "6", "--pretrain-from", str(out), "--arms", "ra3", "--rlvr-starts", ""]
+    sweep += [a for a in args[args.index("--base-step") + 2 :]]
+    assert main(sweep) == 0
+    assert os.path.islink(out2 / "pretrain" / "checkpoints") and os.path.islink(out2 / "tokenizer")
+    base2 = load_model_dir(str(out2 / "pretrain" / "model"))[1]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base2), jax.tree.leaves(step6)))
+    assert sorted(os.listdir(out2 / "seed0")) == ["ra3"]
+    capsys.readouterr()
+    wrong = [a for a in sweep if a != "pretrain:train.steps=6"] + ["pretrain:train.steps=9"]
+    assert main([*wrong[:5], str(tmp_path / "sweep2"), *wrong[6:]]) == 2
+    assert "no checkpoint at step 9" in capsys.readouterr().err

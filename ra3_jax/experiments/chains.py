@@ -42,6 +42,7 @@ class Experiment:
     temperature: float = 0.8
     gate: float = 0.8
     base_step: int = 0  # the pre-training checkpoint step the arms start from (0: the last; an earlier one = a weaker base)
+    pretrain_from: str = ""  # another experiment dir whose tokenizer and pre-training run this one shares (a sweep)
 
     def __post_init__(self):
         self.out = os.path.abspath(os.path.expanduser(self.out))
@@ -122,6 +123,8 @@ def pretrain_stage(ex: Experiment) -> str:
 
     model_dir = ex.path("pretrain", "model")
     check_base_step(ex)
+    if ex.pretrain_from:
+        share_pretraining(ex)
     if os.path.isdir(model_dir):
         return model_dir
     cfg = ex.cfg("pretrain", [f"train.out_dir={ex.path('pretrain')}"])
@@ -133,11 +136,30 @@ def pretrain_stage(ex: Experiment) -> str:
         texts = (src[i]["text"].decode("utf-8") for i in range(len(src)))
         train_sentencepiece(texts, cfg.model.vocab_size, ex.path("tokenizer.tmp"))
         os.replace(ex.path("tokenizer.tmp"), ex.path("tokenizer"))
-    say(f"pre-training ({cfg.train.steps} steps) -> {ex.path('pretrain')}")
     if not os.path.isdir(ex.path("pretrain", "checkpoints", str(cfg.train.steps))):
+        if ex.pretrain_from:  # never train into another experiment's run
+            raise InputError(
+                f"--pretrain-from {ex.pretrain_from}: no checkpoint at step {cfg.train.steps}; pass its pretrain:train.steps"
+            )
+        say(f"pre-training ({cfg.train.steps} steps) -> {ex.path('pretrain')}")
         train(cfg, mode="pretrain")
     export_model_dir(ex.path("pretrain"), model_dir, ex.base_step)
     return model_dir
+
+
+def share_pretraining(ex: Experiment) -> None:
+    """Link ``ex.pretrain_from``'s tokenizer and pre-training run into OUT (every arm of a knob sweep starts from the
+    same checkpoint; nothing is copied or retrained). Its own model dir (``pretrain/model``) stays per experiment,
+    since ``--base-step`` may differ."""
+    src = os.path.abspath(os.path.expanduser(ex.pretrain_from))
+    for need in ("tokenizer", os.path.join("pretrain", "checkpoints")):
+        if not os.path.isdir(os.path.join(src, need)):
+            raise InputError(f"--pretrain-from {src}: no {need}/ there (run `ra3 experiment chains --out {src}` first)")
+    os.makedirs(ex.path("pretrain"), exist_ok=True)
+    names = ["tokenizer"] + [os.path.join("pretrain", n) for n in os.listdir(os.path.join(src, "pretrain")) if n != "model"]
+    for name in names:
+        if not os.path.lexists(ex.path(name)):
+            os.symlink(os.path.join(src, name), ex.path(name))
 
 
 def check_base_step(ex: Experiment) -> None:

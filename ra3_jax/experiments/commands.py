@@ -35,6 +35,7 @@ def add_parsers(sub, with_config) -> None:
     c.add_argument("--temperature", type=float, default=0.8)
     c.add_argument("--gate", type=float, default=0.8, help="required forced-mode thought-step accuracy of the base model")
     c.add_argument("--base-step", type=int, default=0, help="pre-training checkpoint step the arms start from (0: the last)")
+    c.add_argument("--pretrain-from", default="", help="share the tokenizer and pre-training of this experiment dir (sweeps)")
     for stage, name in DEFAULT_CONFIGS.items():
         c.add_argument(f"--{stage}-config", default="", help=f"default: configs/{name}")
     c.add_argument("overrides", nargs="*", help="key=value for every stage, or stage:key=value (pretrain|midtrain|rlvr)")
@@ -82,5 +83,6 @@ def cmd_experiment_chains(args):
         temperature=args.temperature,
         gate=args.gate,
         base_step=args.base_step,
+        pretrain_from=args.pretrain_from,
     )
     print(json.dumps(run_experiment(ex), indent=1))
