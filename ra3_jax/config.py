@@ -147,6 +147,9 @@ class TrainSection:
     # resume from this checkpoint step instead of the latest (0 = the latest); the steps after it are moved to
     # <out_dir>/checkpoints.discarded/. A one-off override: the error about a damaged step names it.
     resume_step: int = 0
+    # `pretrain` / `midtrain-ntp`: end after this step (0 = train.steps) while the lr schedule still spans
+    # train.steps, i.e. exactly an early checkpoint of the longer run (the chains experiment's `--base-step`)
+    stop_step: int = 0
     async_checkpoints: bool = True
     progress: bool = True
     wandb_project: str | None = None
@@ -347,6 +350,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} must be a positive multiple of optim.grad_accum={cfg.optim.grad_accum}"
         )
+    if not 0 <= cfg.train.stop_step <= cfg.train.steps:
+        raise ConfigError(f"train.stop_step={cfg.train.stop_step} must be in 0..train.steps={cfg.train.steps}")
     if not 0.0 <= cfg.data.validation_fraction < 1.0:
         raise ConfigError("data.validation_fraction must be in [0, 1)")
     _validate_policy(cfg.policy)

@@ -75,28 +75,28 @@ def test_reduced_chains_experiment_end_to_end(tmp_path, tfds_dir, capsys):
     assert main(args) == 0  # every stage is done: nothing reruns
     assert "[chains] seed 0:" not in capsys.readouterr().err
     assert (out / "results.jsonl").read_text() == before
-    # the base is pre-training step 3 of 6 (a weaker base), read without discarding step 6
+    # the base is pre-training step 3 of a 6-step schedule (a weaker base): pre-training stopped there
     import jax
     import numpy as np
 
+    assert sorted(os.listdir(out / "pretrain" / "checkpoints")) == ["3"]
     base = load_model_dir(str(out / "seed0" / "base" / "model"))[1]
-    step3, step6 = (load_model_dir(str(out / "pretrain"), s)[1] for s in (3, 6))
+    step3 = load_model_dir(str(out / "pretrain"), 3)[1]
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(step3)))
-    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(step6)))
     other = [a if a != "3" else "6" for a in args]  # another base in the same dir would mix arms from two bases
     assert main(other) == 2
     assert "was run with --base-step 3" in capsys.readouterr().err
     # a sweep shares that pre-training (linked, not retrained) and may start from another of its steps
     out2 = tmp_path / "sweep"
     sweep = ["experiment", "chains", "--seeds", "1", "--out", str(out2), "--samples", "0", "--gate", "0"]
-    sweep += ["--base-step", "6", "--pretrain-from", str(out), "--arms", "ra3", "--rlvr-starts", ""]
+    sweep += ["--base-step", "3", "--pretrain-from", str(out), "--arms", "ra3", "--rlvr-starts", ""]
     sweep += [a for a in args[args.index("--base-step") + 2 :]]
     assert main(sweep) == 0
     assert os.path.islink(out2 / "pretrain" / "checkpoints") and os.path.islink(out2 / "tokenizer")
     base2 = load_model_dir(str(out2 / "pretrain" / "model"))[1]
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base2), jax.tree.leaves(step6)))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base2), jax.tree.leaves(step3)))
     assert sorted(os.listdir(out2 / "seed0")) == ["ra3"]
     capsys.readouterr()
-    wrong = [a for a in sweep if a != "pretrain:train.steps=6"] + ["pretrain:train.steps=9"]
+    wrong = [a if a != "3" else "5" for a in sweep]  # the shared run has no step 5
     assert main([*wrong[:5], str(tmp_path / "sweep2"), *wrong[6:]]) == 2
-    assert "no checkpoint at step 9" in capsys.readouterr().err
+    assert "no checkpoint at step 5" in capsys.readouterr().err

@@ -78,6 +78,14 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tiny_overrides):
     import jax
 
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), pa, pb)
+    # train.stop_step=6 ends at step 6 of the 12-step schedule (an early checkpoint of it, exactly); continuing
+    # without it reaches the uninterrupted run bitwise
+    stopped = str(tmp_path / "stopped")
+    _ra3(["pretrain", "--config", TINY, *tiny_overrides, f"train.out_dir={stopped}", "train.stop_step=6"])
+    assert max(_losses(stopped)[0]) == 6 and _losses(stopped)[0] == {s: la[s] for s in range(1, 7)}
+    _ra3(["pretrain", "--config", TINY, *tiny_overrides, f"train.out_dir={stopped}"])
+    assert _losses(stopped)[0] == la
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), pa, _final_params(stopped))
 
 
 def test_grad_accumulation_matches_full_batch():

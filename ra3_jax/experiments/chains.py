@@ -136,13 +136,12 @@ def pretrain_stage(ex: Experiment) -> str:
         texts = (src[i]["text"].decode("utf-8") for i in range(len(src)))
         train_sentencepiece(texts, cfg.model.vocab_size, ex.path("tokenizer.tmp"))
         os.replace(ex.path("tokenizer.tmp"), ex.path("tokenizer"))
-    if not os.path.isdir(ex.path("pretrain", "checkpoints", str(cfg.train.steps))):
+    last = ex.base_step or cfg.train.steps  # a weaker base: the run stops there (its lr schedule spans train.steps)
+    if not os.path.isdir(ex.path("pretrain", "checkpoints", str(last))):
         if ex.pretrain_from:  # never train into another experiment's run
-            raise InputError(
-                f"--pretrain-from {ex.pretrain_from}: no checkpoint at step {cfg.train.steps}; pass its pretrain:train.steps"
-            )
-        say(f"pre-training ({cfg.train.steps} steps) -> {ex.path('pretrain')}")
-        train(cfg, mode="pretrain")
+            raise InputError(f"--pretrain-from {ex.pretrain_from}: no checkpoint at step {last}; pass its pretrain:train.steps")
+        say(f"pre-training (steps 1..{last} of a {cfg.train.steps}-step schedule) -> {ex.path('pretrain')}")
+        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_step=ex.base_step)), mode="pretrain")
     export_model_dir(ex.path("pretrain"), model_dir, ex.base_step)
     return model_dir
 

@@ -140,7 +140,7 @@ def train(cfg: RunConfig, *, mode: str = "pretrain") -> dict:
             step_fn,
             name=mode,
             start=start,
-            end=cfg.train.steps,
+            end=cfg.train.stop_step or cfg.train.steps,
             writer=writer,
             lr_at=lambda s: lr_at(s - 1),
             meta={"mode": mode, "processes": jax.process_count()},
