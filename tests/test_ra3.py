@@ -372,6 +372,7 @@ def _run_cli(out, spm_tokenizer, tfds_dir, fault=None):
         # lambda_z = 0 (the usefulness reward): the random model's rationales cost ~50 nats of their own, so with
         # lambda_z = 1 nothing would be accepted and the E-step state would not matter to the result
         *_ra3_overrides(out, spm_tokenizer, tfds_dir, "ra3.alpha=0.6", "ra3.lambda_z=0"),
+        "train.async_checkpoints=false",  # a kill right after a step finds that step's checkpoint committed
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -387,6 +388,7 @@ def test_resume_after_sigkill_in_estep_and_mstep(tmp_path, spm_tokenizer, tfds_d
     p = _run_cli(out, spm_tokenizer, tfds_dir, fault="estep-1:1")
     assert p.returncode == -9, p.stderr[-3000:]
     assert not (out / "iter_1" / "bootstrap").exists()
+    assert os.listdir(out / "iter_1" / "estep") == ["1"]  # the resume continues inside the E-step (batch 2 of 2)
     p = _run_cli(out, spm_tokenizer, tfds_dir, fault="mstep-1:7")  # M-step step 3 of iteration 1 (4 + 3)
     assert p.returncode == -9, p.stderr[-3000:]
     p = _run_cli(out, spm_tokenizer, tfds_dir)
