@@ -150,8 +150,7 @@ def restore_params_from_dir(path: str, cfg: LlamaConfig, mesh, step: int = 0):
                 have = ck.steps()
                 if step not in have:
                     raise CheckpointError(f"{path} has no checkpoint step {step}; steps: {', '.join(map(str, have)) or 'none'}")
-                ck.check_step(step)
-                return ck.restore_params(step, target)
+                return ck.restore_params(step, target)  # checked there: a damaged step is a CheckpointIOError
             step = ck.pick_step()  # the latest step, checked: a damaged one is a CheckpointIOError naming the file
             if step is None:
                 raise CheckpointError(f"run directory {path} has no finished checkpoint")

@@ -258,8 +258,7 @@ class RunCheckpointer:
         intact = [s for s in self.steps() if s != step and self.damage(s) is None]
         return CheckpointIOError(f"checkpoint step {step} in {self.directory} is damaged: {problem}; {self._hint(step, intact)}")
 
-    def check_step(self, step: int) -> None:
-        """Raise the CheckpointIOError naming the damaged file when ``step`` is not intact."""
+    def _check(self, step: int) -> None:
         if problem := self.damage(step):
             raise self._damaged(step, problem)
 
@@ -278,7 +277,7 @@ class RunCheckpointer:
         step = requested or (steps[-1] if steps else None)
         if step is None:
             return None
-        self.check_step(step)
+        self._check(step)
         for s in steps:
             if s < step and (problem := self.damage(s)):
                 log.warning("checkpoint step %d in %s is damaged and not used: %s", s, self.directory, problem)
@@ -310,7 +309,7 @@ class RunCheckpointer:
 
     def _restore(self, step: int, composite):
         """``CheckpointManager.restore`` of a checked step, quietly; a failure is one line."""
-        self.check_step(step)
+        self._check(step)
         try:
             with quiet_orbax():
                 return self._mngr.restore(step, args=composite)
