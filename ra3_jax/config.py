@@ -215,6 +215,7 @@ class RA3Section:
     mstep_init: Literal["model", "policy"] = "model"  # M-step continues the generative model or the E-step policy
     eval_docs: int = 16  # held-out documents for the ELBO / NTP log-likelihood
     eval_candidates_per_doc: int = 4
+    eval_iwae_samples: int = 0  # K sampled paths per held-out document for the importance-weighted bound (0: off)
     baseline: bool = False  # compute-matched NTP baseline: no E-step, same M-step batches and token budget
     selection: Literal["best", "random"] = "best"  # random: the random-acceptance baseline (no selection)
     random_accept_rate: float = 0.0  # selection=random: accept one uniformly chosen sample with this probability
@@ -308,6 +309,8 @@ def _validate_ra3(r: RA3Section) -> None:
         )
     if not 0.0 <= r.random_accept_rate <= 1.0:
         raise ConfigError(f"ra3.random_accept_rate={r.random_accept_rate} must be a probability in [0, 1]")
+    if r.eval_iwae_samples < 0:
+        raise ConfigError(f"ra3.eval_iwae_samples={r.eval_iwae_samples} must be >= 0 (0: no IWAE bound)")
     keys = (
         "iterations",
         "candidates_per_doc",

@@ -70,6 +70,8 @@ def test_rlvr_section_validation():
         ("policy.micro_batch=-1", "micro_batch"),
         ("rlvr.timeout_s=0", "timeout_s"),
         ("policy.promts_per_step=4", "Did you mean 'prompts_per_step'"),
+        ("ra3.eval_iwae_samples=-1", "eval_iwae_samples"),
+        ("ra3.alpha=0.4", "alpha"),
     ]:
         with pytest.raises(ConfigError, match=msg):
             load_config(None, [bad])

@@ -2,6 +2,7 @@
 naive computation, alpha -> 1 equals the NTP baseline, and resume after SIGKILL in the E-step and the M-step."""
 
 import ast
+import dataclasses
 import itertools
 import math
 import os
@@ -179,6 +180,109 @@ def test_bound_against_enumeration_and_iwae(tiny_setup):
         assert np.mean(est) <= log_latent + 0.05  # a lower bound in expectation
     assert errs[512] < errs[16] < errs[1] and errs[512] < 0.05, errs
     np.testing.assert_allclose(elbo_expectation(naive, q), np.sum(q * (naive - np.log(q))), rtol=1e-12)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OnlyTokens:
+    """A test sampling method: temperature-1 sampling restricted to a few token ids (a tiny, enumerable space)."""
+
+    ids: tuple
+
+    greedy = False
+
+    def sample(self, logits, key):
+        keep = jnp.zeros(logits.shape[-1], bool).at[jnp.asarray(self.ids)].set(True)
+        x = jnp.where(keep, logits, -jnp.inf)
+        return jax.random.categorical(key, x, axis=-1).astype(jnp.int32), x
+
+
+def test_iwae_of_sampled_paths_against_enumeration(tiny_setup):
+    """The held-out IWAE bound on exactly the sampled ids: each path's log weight equals a plain forward of its
+    token sequence minus its proposal log-probability computed by hand (switch probability from a plain forward of
+    the prompt + marker, the sampled ids under the restricted distribution); every valid path decodes to the
+    rendered document; invalid samples (no end of line within 2 tokens) weigh 0; the mean weight of each switching
+    pattern estimates that pattern's enumerated sum of p(s) (unbiased), and the IWAE is below the enumerated
+    log sum_s p(s) and approaches it as K grows."""
+    from ra3_jax.algorithms.ra3 import LatentProposer, make_documents, start_ids
+    from ra3_jax.algorithms.ra3.bound import iwae_estimate, iwae_log_weights
+    from ra3_jax.data.documents import render
+
+    cfg, mcfg, params, tok = tiny_setup
+    cfg = dataclasses.replace(cfg, ra3=dataclasses.replace(cfg.ra3, max_latent_tokens=2))
+    doc = make_documents("x = 1\ny = x + 2\nz = y\n", "toy.py", tok, cfg.ra3)[0]
+    assert doc.num_steps == 3 and start_ids(tok) == []
+    nl, allowed = tok.encode("\n")[0], tuple(tok.encode("x")) + (tok.encode(" x")[0], tok.encode("\n")[0])
+    proposer = LatentProposer(cfg, mcfg, tok, _mesh1())
+    proposer.sampling = _OnlyTokens(allowed)
+    K, floor = 512, 0.3
+    log_w, paths = iwae_log_weights(proposer, params, [doc], K, seed=5, floor=floor)
+    marker = {t: proposer.candidate([doc], 0, t, {}) for t in (1, 2)}
+
+    def seq_of(took):  # [code] + marker + ids + [code] ... + [eos], built by hand
+        ids, code = [], ""
+        for t in range(3):
+            if t in took:
+                ids += tok.encode(code) + took[t]
+                code = ""
+            code += doc.texts[t]
+        return ids + tok.encode(code) + [tok.eos_id]
+
+    def log_q_by_hand(took):
+        lq = 0.0
+        for t, c in marker.items():
+            lp = _naive_full_logprobs(params, mcfg, c.prompt + c.forced + (took[t][len(c.forced) :] if t in took else []))
+            P = len(c.prompt)
+            qs = min(max(math.exp(sum(lp[P - 1 + j, c.forced[j]] for j in range(len(c.forced)))), floor), 1 - floor)
+            if t not in took:
+                lq += math.log(1 - qs)
+                continue
+            lq += math.log(qs)
+            for j, x in enumerate(took[t][len(c.forced) :]):  # restricted, renormalised distribution
+                row = lp[P - 1 + len(c.forced) + j]
+                lq += row[x] - np.logaddexp.reduce(row[list(allowed)])
+        return lq
+
+    checked = 0
+    for k in range(K):
+        took = {t: z.ids for t, z in paths[0][k].items()}
+        if not np.isfinite(log_w[0, k]):
+            assert any(z.line is None for z in paths[0][k].values())  # only invalid samples weigh 0
+            continue
+        s = seq_of(took)
+        assert tok.decode(s[:-1]) == render(doc, {t: {"text": z.line} for t, z in paths[0][k].items()})
+        if checked < 12 or len(took) == 2:
+            np.testing.assert_allclose(log_w[0, k], _naive_sum(params, mcfg, s) - log_q_by_hand(took), atol=3e-4)
+            checked += 1
+    assert 0.3 < np.isfinite(log_w).mean() < 0.95  # both valid and invalid samples occur
+
+    # enumeration: every valid thought is marker + [nl] or marker + [a, nl] (a != nl), at boundaries 1 and 2
+    choices = [None] + [[nl]] + [[a, nl] for a in allowed if a != nl]
+    exact = {}
+    for z1 in choices:
+        for z2 in choices:
+            took = {t: marker[t].forced + z for t, z in ((1, z1), (2, z2)) if z is not None}
+            exact.setdefault(tuple(sorted(took)), []).append(_naive_sum(params, mcfg, seq_of(took)))
+    pattern = [tuple(sorted(p)) for p in paths[0]]
+    w = np.exp(log_w[0] - np.max(log_w[0]))
+    for pat, lps in exact.items():  # E_q[w 1{pattern}] = sum over the pattern's valid sequences of p(s)
+        est = np.log(np.mean(w * np.array([p == pat for p in pattern]))) + np.max(log_w[0])
+        assert abs(est - np.logaddexp.reduce(lps)) < 0.35, (pat, est, np.logaddexp.reduce(lps))
+    log_all = float(np.logaddexp.reduce([x for v in exact.values() for x in v]))
+    errs = {}
+    for n in (8, 64, 512):
+        est = iwae_estimate(log_w[0].reshape(-1, n))
+        assert np.mean(est) <= log_all + 0.05
+        errs[n] = log_all - np.mean(est)
+    assert errs[512] < errs[64] < errs[8] and errs[512] < 0.1, errs
+
+
+def _naive_full_logprobs(params, mcfg, seq):
+    """log-softmax rows of a plain full forward: row j = log p(. | seq[<=j])."""
+    from ra3_jax.model.llama import forward
+
+    toks = jnp.asarray(seq, jnp.int32)[None]
+    logits, _ = forward(params, toks, jnp.arange(len(seq))[None], mcfg)
+    return np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)), np.float64)
 
 
 def test_one_tokenization_for_mstep_estep_and_bound(tiny_setup):
