@@ -45,15 +45,6 @@ def _jsonable(x):
     return x
 
 
-def _detuple(x):
-    # grain states hold tuples; JSON gives lists back -> restore tuples for list-valued leaves of ints.
-    if isinstance(x, dict):
-        return {k: _detuple(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return tuple(_detuple(v) for v in x)
-    return x
-
-
 def _loop_closed_filter(previous):
     """An unraisable hook that drops asyncio's "Event loop is closed" (TensorStore callbacks of an aborted
     Orbax read reaching the loop Orbax already closed) and hands everything else to ``previous``."""
@@ -337,12 +328,12 @@ class RunCheckpointer:
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
             ),
         )
-        return out["state"], _detuple(out["data"]), out["meta"]
+        return out["state"], out["data"], out["meta"]
 
     def restore_data(self, step: int) -> dict:
         """Only the JSON ``data`` item of a step (no arrays are read)."""
         out = self._restore(step, ocp.args.Composite(data=ocp.args.JsonRestore()))
-        return _detuple(out["data"])
+        return out["data"]
 
     def restore_params(self, step: int, abstract_params):
         out = self._restore(

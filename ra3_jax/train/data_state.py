@@ -50,6 +50,15 @@ def data_state_to_save(data_iter, cfg: RunConfig) -> dict:
     return {"per_process": distributed.allgather_json(_jsonable(state)), "process_split": "records"}
 
 
+def grain_state(x):
+    """A Grain iterator state read back from a checkpoint's JSON: Grain's states hold tuples, JSON gives lists."""
+    if isinstance(x, dict):
+        return {k: grain_state(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(grain_state(v) for v in x)
+    return x
+
+
 def restore_data_state(data_iter, saved: dict, cfg: RunConfig, step: int) -> None:
     n = jax.process_count()
     if "per_process" in saved:
@@ -60,7 +69,7 @@ def restore_data_state(data_iter, saved: dict, cfg: RunConfig, step: int) -> Non
                 f"whose data positions are per process; resume it with {len(states)} processes (any mesh), or restart "
                 "the data stream with data.process_split=rows"
             )
-        data_iter.set_state(states[jax.process_index()])
+        data_iter.set_state(grain_state(states[jax.process_index()]))
         return
     if n > 1 and cfg.data.process_split == "records":
         raise TrainingError(
@@ -68,4 +77,4 @@ def restore_data_state(data_iter, saved: dict, cfg: RunConfig, step: int) -> Non
             f"data.process_split=rows); resume it with data.process_split=rows to continue the same global batch "
             f"stream on {n} processes"
         )
-    data_iter.set_state(saved)
+    data_iter.set_state(grain_state(saved))

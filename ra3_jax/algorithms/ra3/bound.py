@@ -161,4 +161,5 @@ def iwae_estimate(log_w: np.ndarray) -> np.ndarray:
     """log (1/K) sum_k w_k per row (-inf when no path of the row is valid)."""
     m = np.max(log_w, axis=-1, keepdims=True)
     safe = np.where(np.isfinite(m), m, 0.0)
-    return (safe + np.log(np.mean(np.exp(log_w - safe), axis=-1, keepdims=True)))[..., 0]
+    with np.errstate(divide="ignore"):  # a row without a valid path: log 0 = -inf
+        return (safe + np.log(np.mean(np.exp(log_w - safe), axis=-1, keepdims=True)))[..., 0]

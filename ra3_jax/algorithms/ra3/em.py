@@ -236,8 +236,7 @@ def run_estep(proposer: LatentProposer, model_params, docs: list[Document], k: i
     start = ckpt.pick_step() or 0  # the latest step, checked (train.resume_step is for the M-step checkpoints)
     if start:
         policy, data, _ = ckpt.restore(start, proposer.abstract_policy())
-        stats = {k: list(v) if isinstance(v, tuple) else v for k, v in data["stats"].items()}  # JSON lists come back as tuples
-        st = EStepState(policy, load_latents(data["latents"]), stats)
+        st = EStepState(policy, load_latents(data["latents"]), data["stats"])
         log.info("E-step %d resumed after batch %d/%d", k, start, n_batches)
     else:
         st = EStepState(proposer.init_policy(model_params), {}, {})
