@@ -313,8 +313,10 @@ class LatentProposer:
         Mutates ``latents_by_doc`` with accepted latents. Returns (policy_state, stats)."""
         t0 = time.perf_counter()
         groups = self.propose(policy_state.params if policy_state is not None else model_params, cands, key)
+        t1 = time.perf_counter()
         batch, scored = self.scoring_batch(cands, groups)
         out = fetch(self.score(model_params, batch))
+        t2 = time.perf_counter()
         gain, r_plus_c = self.terms(out, groups)
         rnd = (self.r.random_accept_rate, self.seed) if self.r.selection == "random" else None
         stats = select(cands, groups, gain - self.c, r_plus_c - self.c, latents_by_doc, random_accept=rnd)
@@ -331,7 +333,8 @@ class LatentProposer:
             policy_state, m = self._update(policy_state, self.policy_batch(cands, groups, r_plus_c), model_params)
             m = fetch(m)
             stats.update(pg_loss=float(m["loss"]), kl=float(m["kl"]), pg_grad_norm=float(m["grad_norm"]))
-        stats["seconds"] = time.perf_counter() - t0
+        t3 = time.perf_counter()
+        stats.update(seconds=t3 - t0, propose_seconds=t1 - t0, score_seconds=t2 - t1, update_seconds=t3 - t2)
         return policy_state, stats
 
     def sequence_logprobs(self, params, seqs: list[list[int]], rows: int = 8) -> list[np.ndarray]:
