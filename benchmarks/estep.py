@@ -39,7 +39,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=os.path.join(REPO, "configs", "ra3_tiny_cpu.yaml"))
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M (configs/ra3_smollm2_cpu.yaml)")
-    ap.add_argument("--rounds", type=int, default=4, help="E-step rounds, run twice from the same start: once to compile, once timed")
+    ap.add_argument("--rounds", type=int, default=4, help="E-step rounds (run twice: compile, then timed)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     enable_compilation_cache()
