@@ -23,7 +23,7 @@ import numpy as np
 
 from ra3_jax.distributed import fetch
 from ra3_jax.errors import InputError
-from ra3_jax.model.llama import KVCache, LlamaConfig, forward
+from ra3_jax.model.llama import KVCache, LlamaConfig, forward, output_weight
 from ra3_jax.sampling import Greedy, SamplingMethod, Temperature, sampling_method  # noqa: F401  (re-exported)
 from ra3_jax.stop_strings import advance_stops, build_stop_automata, token_byte_table, trim_at_stop
 
@@ -100,15 +100,24 @@ def prefill(
     valid = slot >= offset
     positions = jnp.where(valid, slot - offset, 0)
     cache = KVCache.init(cfg, B, cache_len or (P + N))
-    logits, cache = forward(
-        params, prompt_tokens, positions, cfg, segment_ids=valid.astype(jnp.int32), cache=cache, empty_cache=True
+    hidden, cache = forward(
+        params,
+        prompt_tokens,
+        positions,
+        cfg,
+        segment_ids=valid.astype(jnp.int32),
+        cache=cache,
+        empty_cache=True,
+        return_hidden=True,
     )
+    # the LM head on the last slot only (left padding: every row's last prompt token), never [B, P, V] logits
+    last = (hidden[:, -1, :] @ output_weight(params, cfg).astype(cfg.dtype)).astype(jnp.float32)
     rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731  prefill shared by the G samples of a prompt
     cache = KVCache(k=jnp.repeat(cache.k, G, axis=1), v=jnp.repeat(cache.v, G, axis=1), valid=rep(cache.valid), index=cache.index)
     BG = B * G
     return DecodeState(
         step=jnp.zeros((), jnp.int32),
-        logits=rep(logits[:, -1, :]),
+        logits=rep(last),
         cache=cache,
         pos=rep(prompt_lengths).astype(jnp.int32),
         done=jnp.zeros((BG,), bool),
