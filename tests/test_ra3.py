@@ -204,7 +204,7 @@ def test_iwae_of_sampled_paths_against_enumeration(tiny_setup):
     pattern estimates that pattern's enumerated sum of p(s) (unbiased), and the IWAE is below the enumerated
     log sum_s p(s) and approaches it as K grows."""
     from ra3_jax.algorithms.ra3 import LatentProposer, make_documents, start_ids
-    from ra3_jax.algorithms.ra3.bound import iwae_estimate, iwae_log_weights
+    from ra3_jax.algorithms.ra3.bound import iwae_estimate, iwae_log_weights, sample_thoughts
     from ra3_jax.data.documents import render
 
     cfg, mcfg, params, tok = tiny_setup
@@ -217,6 +217,11 @@ def test_iwae_of_sampled_paths_against_enumeration(tiny_setup):
     K, floor = 512, 0.3
     log_w, paths = iwae_log_weights(proposer, params, [doc], K, seed=5, floor=floor)
     marker = {t: proposer.candidate([doc], 0, t, {}) for t in (1, 2)}
+    for (_, t), group in sample_thoughts(proposer, params, [doc], 2, jax.random.key(1)).items():  # p(marker | prompt)
+        c = marker[t]
+        lp = _naive_full_logprobs(params, mcfg, c.prompt + c.forced)
+        want = sum(lp[len(c.prompt) - 1 + j, x] for j, x in enumerate(c.forced))
+        assert want < -5 and all(abs(z.log_marker - want) < 2e-4 for z in group)  # (so q's switch is the floor here)
 
     def seq_of(took):  # [code] + marker + ids + [code] ... + [eos], built by hand
         ids, code = [], ""

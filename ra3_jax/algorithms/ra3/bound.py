@@ -10,7 +10,7 @@ import math
 import jax
 import numpy as np
 
-from ra3_jax.data.documents import Document, doc_sequence, encode_text, render, start_ids
+from ra3_jax.data.documents import Document, doc_sequence, encode_text, render, render_latent, start_ids
 from ra3_jax.sampler import STOP_STRING
 
 from .estep import LatentProposer, candidate_rounds
@@ -60,13 +60,16 @@ def evaluate_bound(proposer: LatentProposer, params, docs: list[Document], *, se
 def iwae_metrics(proposer: LatentProposer, params, docs: list[Document], K: int, *, seed: int) -> dict:
     """The importance-weighted bound of K sampled paths per document, per byte, and the fraction of valid paths."""
     log_w, _ = iwae_log_weights(proposer, params, docs, K, seed=seed)
-    iwae = float(iwae_estimate(log_w).sum()) / sum(doc.code_bytes for doc in docs)
-    return {
-        "eval/iwae_nats_per_byte": iwae,
-        "eval/iwae_bits_per_byte": iwae / math.log(2),
+    per_doc = iwae_estimate(log_w)
+    out = {
         "eval/iwae_valid_paths": float(np.isfinite(log_w).mean()),
+        "eval/iwae_docs_without_path": float(np.sum(~np.isfinite(per_doc))),
         "eval/iwae_samples": float(K),
     }
+    if np.all(np.isfinite(per_doc)):  # else the bound is -inf: reported as the count above, not as -Infinity
+        iwae = float(per_doc.sum()) / sum(doc.code_bytes for doc in docs)
+        out |= {"eval/iwae_nats_per_byte": iwae, "eval/iwae_bits_per_byte": iwae / math.log(2)}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- IWAE
@@ -110,8 +113,10 @@ def sample_thoughts(proposer: LatentProposer, params, docs: list[Document], K: i
                 row = j * K + k
                 m = int(res.lengths[row])
                 ids = [int(x) for x in res.tokens[row, :m]]
-                line = tok.decode(ids)
-                ok = int(res.stop_reason[row]) == STOP_STRING and line.endswith("\n") and line.count("\n") == 1
+                line, head = tok.decode(ids), c.indent + r.marker
+                # exactly one rendered comment line: ends its line, no second break, no CR, no trailing blanks
+                ok = int(res.stop_reason[row]) == STOP_STRING and line.startswith(head)
+                ok = ok and render_latent(c.indent, r.marker, line[len(head) :]) == line
                 lq = float(np.sum(res.logprobs_processed[row, F:m]))
                 group.append(SampledThought(ids, line if ok else None, lq, float(np.sum(res.logprobs[row, :F]))))
             out[(c.doc, c.step)] = group
