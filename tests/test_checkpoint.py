@@ -86,12 +86,12 @@ def test_damaged_latest_step_is_one_line_and_resume_step_recovers(three_steps, d
     assert ck.pick_step(8) == 8
     state, data, meta = ck.restore(8, ABSTRACT)
     np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(1000) * 8.0)
-    assert data == {"pos": (1, 8)} and meta == {"step": 8}
+    assert data == {"pos": [1, 8]} and meta == {"step": 8}  # the data item as JSON gives it back
     assert ck.steps() == [4, 8] and os.listdir(d + ".discarded") == ["12"]
     ck.save(12, _state(120), {"pos": [1, 120]}, {"step": 12})
     ck.wait()
     assert ck.steps() == [4, 8, 12] and ck.damage(12) is None
-    assert ck.restore(12, ABSTRACT)[1] == {"pos": (1, 120)}
+    assert ck.restore(12, ABSTRACT)[1] == {"pos": [1, 120]}
     ck.close()
 
 

@@ -49,14 +49,15 @@ def test_packing_segments_positions_and_targets(tmp_path, spm_tokenizer):
 def test_iterator_state_restores_exactly(small_corpus_cfg, spm_tokenizer):
     import json
 
-    from ra3_jax.train.checkpoint import _detuple, _jsonable
+    from ra3_jax.train.checkpoint import _jsonable
+    from ra3_jax.train.data_state import grain_state
 
     src = build_corpus(small_corpus_cfg)["train"]
     ds = make_dataset(src, spm_tokenizer, seq_len=64, batch_size=4, seed=3)
     it = iter(ds)
     for _ in range(7):
         next(it)
-    state = _detuple(json.loads(json.dumps(_jsonable(it.get_state()))))  # as it travels through a checkpoint
+    state = grain_state(json.loads(json.dumps(_jsonable(it.get_state()))))  # as it travels through a checkpoint
     expect = [next(it)["inputs"] for _ in range(5)]
     it2 = iter(ds)
     it2.set_state(state)
