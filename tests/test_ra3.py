@@ -204,8 +204,9 @@ def test_iwae_of_sampled_paths_against_enumeration(tiny_setup):
     pattern estimates that pattern's enumerated sum of p(s) (unbiased), and the IWAE is below the enumerated
     log sum_s p(s) and approaches it as K grows."""
     from ra3_jax.algorithms.ra3 import LatentProposer, make_documents, start_ids
-    from ra3_jax.algorithms.ra3.bound import iwae_estimate, iwae_log_weights, sample_thoughts
+    from ra3_jax.algorithms.ra3.bound import iwae_log_weights, sample_thoughts
     from ra3_jax.data.documents import render
+    from ra3_jax.objectives.elbo import iwae_estimate
 
     cfg, mcfg, params, tok = tiny_setup
     cfg = dataclasses.replace(cfg, ra3=dataclasses.replace(cfg.ra3, max_latent_tokens=2))

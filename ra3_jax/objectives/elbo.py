@@ -25,11 +25,18 @@ def switch_cost(alpha: float) -> float:
     return math.inf if alpha == 1.0 else math.log(alpha / (1.0 - alpha))
 
 
+def iwae_estimate(log_w: np.ndarray) -> np.ndarray:
+    """log (1/K) sum_k w_k over the last axis of log weights log_w [..., K] (-inf where no weight is positive)."""
+    log_w = np.asarray(log_w, np.float64)
+    m = np.max(log_w, axis=-1, keepdims=True)
+    safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):  # a row without a valid path: log 0 = -inf
+        return (safe + np.log(np.mean(np.exp(log_w - safe), axis=-1, keepdims=True)))[..., 0]
+
+
 def iwae_bound(log_p, log_q) -> float:
     """log (1/K) sum_k exp(log_p[k] - log_q[k]): the importance-weighted bound of K sampled paths."""
-    w = np.asarray(log_p, np.float64) - np.asarray(log_q, np.float64)
-    m = float(np.max(w))
-    return m + math.log(float(np.mean(np.exp(w - m))))
+    return float(iwae_estimate(np.asarray(log_p, np.float64) - np.asarray(log_q, np.float64)))
 
 
 def elbo_expectation(log_joint, q) -> float:

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from ra3_jax.data.documents import Document, doc_sequence, encode_text, render, render_latent, start_ids
+from ra3_jax.objectives.elbo import iwae_estimate
 from ra3_jax.sampler import STOP_STRING
 
 from .estep import LatentProposer, candidate_rounds
@@ -79,8 +80,8 @@ def iwae_metrics(proposer: LatentProposer, params, docs: list[Document], K: int,
 # ids it was sampled as: [start] + code segment + marker + sampled ids + code segment ... + [eos], code segments
 # tokenized between rationales. Distinct (switches, ids) give distinct complete token sequences, each of which
 # renders x with comment lines inserted, so sum_s p(s) <= p_latent(x) and E log mean_k p(s_k) / q(s_k) is a lower
-# bound of log p_latent(x) that tightens as K grows. A sampled rationale that is not exactly one comment line
-# (no stop at its end of line, an EOS, a second line break) has no path: its weight is 0.
+# bound of log p_latent(x) that tightens as K grows. A sampled rationale that is not exactly one rendered comment
+# line (no stop at its end of line, an EOS, a second line break, a CR, trailing blanks) has no path: weight 0.
 @dataclasses.dataclass
 class SampledThought:
     ids: list[int]  # forced marker ids + the sampled ids
@@ -160,11 +161,3 @@ def iwae_log_weights(
         len(docs), K
     )
     return log_p - log_q, paths
-
-
-def iwae_estimate(log_w: np.ndarray) -> np.ndarray:
-    """log (1/K) sum_k w_k per row (-inf when no path of the row is valid)."""
-    m = np.max(log_w, axis=-1, keepdims=True)
-    safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):  # a row without a valid path: log 0 = -inf
-        return (safe + np.log(np.mean(np.exp(log_w - safe), axis=-1, keepdims=True)))[..., 0]
