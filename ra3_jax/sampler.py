@@ -213,6 +213,7 @@ def generate(
     right_padded: bool = False,
     cache_len: int | None = None,
     valid_vocab: int | None = None,
+    max_steps=None,
 ) -> SampleOutput:
     """Prefill B prompts once, then decode G = num_samples continuations each, all in one XLA program.
 
@@ -220,6 +221,9 @@ def generate(
     row b must emit first (forced_lengths [B] of them; used by RA3 to start a rationale with its marker).
     valid_vocab: ids >= this are never sampled (a model vocabulary padded past the tokenizer's); the logprobs
     under the model stay full-vocabulary, as the trainer computes them.
+    max_steps: a traced int (<= max_new_tokens): the loop stops after this many tokens. ``max_new_tokens`` is the
+    (bucketed) width of the output buffers and a compile-time shape; ``max_steps`` is the caller's exact limit, so
+    rows that run to the limit do not keep decoding to the bucket's end (the same tokens, fewer steps).
     """
     G, N = num_samples, max_new_tokens
     if right_padded:
@@ -237,7 +241,8 @@ def generate(
         tok_len=tok_len,
     )
     step = functools.partial(decode_step, params, ctx=ctx, cfg=cfg, sampling=sampling, pad_id=pad_id, valid_vocab=valid_vocab)
-    s = jax.lax.while_loop(lambda s: (s.step < N) & ~jnp.all(s.done), step, state)
+    limit = N if max_steps is None else jnp.minimum(jnp.asarray(max_steps, jnp.int32), N)
+    s = jax.lax.while_loop(lambda s: (s.step < limit) & ~jnp.all(s.done), step, state)
     return SampleOutput(tokens=s.tokens, lengths=s.lengths, logprobs=s.lp, logprobs_processed=s.lp_proc, stop_reason=s.reason)
 
 
@@ -327,7 +332,8 @@ class Sampler:
         key = jax.random.key(0) if key is None else key
         arrays = (params, toks, lens, key, ftoks, flens, dfa, accept, self.tok_bytes, self.tok_len)
         kw = dict(cfg=self.cfg, sampling=sampling, max_new_tokens=N, num_samples=num_samples, eos_ids=self.eos_ids)
-        out = generate(*arrays, **kw, pad_id=pad, valid_vocab=self.valid_vocab)
+        # the loop stops at max_new_tokens exactly; N (a power of two) only sizes the buffers
+        out = generate(*arrays, **kw, pad_id=pad, valid_vocab=self.valid_vocab, max_steps=np.int32(max_new_tokens))
         # host copies (in a multi-process run, gathered from every process), the bucket trimmed back
         return _trim(fetch(out), max_new_tokens)
 

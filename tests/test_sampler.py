@@ -73,6 +73,28 @@ def test_right_padded_input_is_equivalent(params, spm_tokenizer):
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
+def test_max_steps_stops_the_loop_inside_the_bucket(params, spm_tokenizer):
+    """max_steps (traced) ends decoding early in a wider buffer: the same sampled tokens and log-probs as the full
+    run up to the limit, nothing written after it (the loop really stopped), lengths = the limit."""
+    from ra3_jax.sampler import generate, token_byte_table
+
+    tb, tl = token_byte_table(spm_tokenizer, CFG.vocab_size)
+    dfa, acc = build_stop_automata([])
+    lens = np.array([len(p) for p in PROMPTS], np.int32)
+    toks = np.zeros((3, 32), np.int32)
+    for i, p in enumerate(PROMPTS):
+        toks[i, 32 - len(p) :] = p
+    args = (params, toks, lens, jax.random.key(3), np.zeros((3, 1), np.int32), np.zeros(3, np.int32), dfa, acc, tb, tl)
+    kw = dict(cfg=CFG, sampling=Temperature(temperature=1.0), max_new_tokens=16, num_samples=2, pad_id=0)
+    full = generate(*args, **kw)
+    cut = generate(*args, **kw, max_steps=np.int32(5))
+    np.testing.assert_array_equal(np.asarray(cut.tokens[:, :5]), np.asarray(full.tokens[:, :5]))
+    np.testing.assert_allclose(np.asarray(cut.logprobs[:, :5]), np.asarray(full.logprobs[:, :5]), atol=1e-6)
+    assert (np.asarray(cut.tokens[:, 5:]) == 0).all() and (np.asarray(cut.logprobs[:, 5:]) == 0).all()
+    assert (np.asarray(full.tokens[:, 5:]) != 0).any()  # the full run did write past the limit
+    assert (np.asarray(cut.lengths) == 5).all() and (np.asarray(cut.stop_reason) == STOP_LENGTH).all()
+
+
 def test_logprobs_equal_teacher_forced_trainer_logprobs(sampler, params):
     sp = Temperature(temperature=0.7, top_k=50)
     out = sampler.generate_tokens(params, PROMPTS, max_new_tokens=10, sampling=sp, key=jax.random.key(1))
