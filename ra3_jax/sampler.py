@@ -295,8 +295,10 @@ class Sampler:
 
     Stateless in the weights: ``params`` is the first argument of every call."""
 
-    def __init__(self, cfg: LlamaConfig, tokenizer, *, eos_ids: Sequence[int] | None = None):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: LlamaConfig, tokenizer, *, eos_ids: Sequence[int] | None = None, prompt_multiple: int | None = None):
+        """prompt_multiple: pad prompts to a multiple of this many slots instead of a power of two (less prefill
+        padding, more compiled shapes; the RA3 E-step's prompts are document prefixes of every length)."""
+        self.cfg, self.tokenizer, self.prompt_multiple = cfg, tokenizer, prompt_multiple
         # By default every end-of-document / end-of-turn id the tokenizer declares ends a row (<|im_end|> too).
         default = getattr(tokenizer, "end_ids", None) or [tokenizer.eos_id]
         self.eos_ids = tuple(int(i) for i in (eos_ids if eos_ids is not None else default))
@@ -320,7 +322,8 @@ class Sampler:
             raise InputError("no prompts")
         if any(len(p) == 0 for p in prompts):
             raise InputError("empty prompt: every prompt needs at least one token (e.g. the BOS token)")
-        P = bucket(max(len(p) for p in prompts))
+        longest = max(len(p) for p in prompts)
+        P = bucket(longest) if self.prompt_multiple is None else -(-longest // self.prompt_multiple) * self.prompt_multiple
         N = bucket(max_new_tokens)
         if P + N > self.cfg.max_seq_len:
             raise InputError(f"prompt ({P}) + new tokens ({N}) exceed the model's max_seq_len {self.cfg.max_seq_len}")

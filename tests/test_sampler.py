@@ -52,6 +52,12 @@ def test_greedy_equals_naive_loop_and_is_padding_invariant(sampler, params):
         alone = sampler.generate_tokens(params, [p], max_new_tokens=12, sampling=Greedy())
         assert alone.tokens[0].tolist() == ref  # same alone as inside a padded batch
     assert (out.lengths == 12).all() and (out.stop_reason == STOP_LENGTH).all()
+    # prompts padded to a multiple of 24 slots (not a power of two) give the same greedy tokens
+    odd = Sampler(CFG, sampler.tokenizer, prompt_multiple=24).generate_tokens(
+        params, PROMPTS, max_new_tokens=12, sampling=Greedy()
+    )
+    for i, p in enumerate(PROMPTS):
+        assert odd.tokens[i].tolist() == naive_greedy(params, CFG, p, 12), f"prompt {i}, prompt_multiple"
 
 
 def test_right_padded_input_is_equivalent(params, spm_tokenizer):

@@ -171,7 +171,7 @@ class LatentProposer:
         self.sampling = sampling_method(self.pol.temperature, self.pol.top_k, self.pol.top_p)
         self.dp = sharding.data_parallel_size(mesh)
         self.n_pairs = -(-self.r.estep_batch_docs // self.dp) * self.dp  # fixed shapes: pad candidates to this
-        self.sampler = Sampler(model_cfg, tokenizer)
+        self.sampler = Sampler(model_cfg, tokenizer, prompt_multiple=ROW_MULTIPLE)  # prefixes of every length
         self.end_ids = set(self.sampler.eos_ids)
         self.tx = estep_optimizer(cfg)
         self.st_shard = state_shardings(model_cfg, self.tx, mesh)
