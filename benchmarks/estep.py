@@ -57,7 +57,7 @@ def main():
     model_cfg, params = load_model(cfg.model, mesh)
     check_vocab(tok, model_cfg)
     need = r.estep_batch_docs * a.rounds
-    docs = take_documents(build_corpus(cfg.data)["train"], tok, r, need, cfg.data.shuffle_seed)
+    docs = take_documents(build_corpus(cfg.data, cfg.chains)["train"], tok, r, need, cfg.data.shuffle_seed)
     prop = LatentProposer(cfg, model_cfg, tok, mesh)
     cands_all = []
     for b in range(a.rounds):
