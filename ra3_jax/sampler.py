@@ -23,7 +23,7 @@ import numpy as np
 
 from ra3_jax.distributed import fetch
 from ra3_jax.errors import InputError
-from ra3_jax.model.llama import KVCache, LlamaConfig, forward, output_weight
+from ra3_jax.model.llama import KVCache, LlamaConfig, forward, output_weight, prefill_cache
 from ra3_jax.sampling import Greedy, SamplingMethod, Temperature, sampling_method  # noqa: F401  (re-exported)
 from ra3_jax.stop_strings import advance_stops, build_stop_automata, token_byte_table, trim_at_stop
 
@@ -95,25 +95,11 @@ def prefill(
     times along the batch and return the initial decode state (the next-token logits of every row)."""
     B, P = prompt_tokens.shape
     G, N = num_samples, max_new_tokens
-    slot = jnp.arange(P)[None, :]
-    offset = (P - prompt_lengths)[:, None]
-    valid = slot >= offset
-    positions = jnp.where(valid, slot - offset, 0)
-    cache = KVCache.init(cfg, B, cache_len or (P + N))
-    hidden, cache = forward(
-        params,
-        prompt_tokens,
-        positions,
-        cfg,
-        segment_ids=valid.astype(jnp.int32),
-        cache=cache,
-        empty_cache=True,
-        return_hidden=True,
-    )
+    hidden, cache = prefill_cache(params, prompt_tokens, prompt_lengths, cfg, cache_len=cache_len or (P + N))
     # the LM head on the last slot only (left padding: every row's last prompt token), never [B, P, V] logits
     last = (hidden[:, -1, :] @ output_weight(params, cfg).astype(cfg.dtype)).astype(jnp.float32)
     rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731  prefill shared by the G samples of a prompt
-    cache = KVCache(k=jnp.repeat(cache.k, G, axis=1), v=jnp.repeat(cache.v, G, axis=1), valid=rep(cache.valid), index=cache.index)
+    cache = cache.repeat(G)
     BG = B * G
     return DecodeState(
         step=jnp.zeros((), jnp.int32),
@@ -255,6 +241,11 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
+def round_up(n: int, multiple: int) -> int:
+    """Round up to a multiple of ``multiple`` (>= multiple): less padding than a power of two, more shapes."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
 @dataclasses.dataclass
 class Completion:
     prompt: str
@@ -323,7 +314,7 @@ class Sampler:
         if any(len(p) == 0 for p in prompts):
             raise InputError("empty prompt: every prompt needs at least one token (e.g. the BOS token)")
         longest = max(len(p) for p in prompts)
-        P = bucket(longest) if self.prompt_multiple is None else -(-longest // self.prompt_multiple) * self.prompt_multiple
+        P = bucket(longest) if self.prompt_multiple is None else round_up(longest, self.prompt_multiple)
         N = bucket(max_new_tokens)
         if P + N > self.cfg.max_seq_len:
             raise InputError(f"prompt ({P}) + new tokens ({N}) exceed the model's max_seq_len {self.cfg.max_seq_len}")

@@ -97,6 +97,15 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def repeat(self, k: int) -> KVCache:
+        """Each of the B rows repeated k times along the batch: row i*k + j of the result is row i ([B*k] rows)."""
+        return KVCache(
+            k=jnp.repeat(self.k, k, axis=1),
+            v=jnp.repeat(self.v, k, axis=1),
+            valid=jnp.repeat(self.valid, k, axis=0),
+            index=self.index,
+        )
+
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -303,6 +312,27 @@ def forward(
         return x.reshape(B, T, -1), new_cache
     logits = x @ output_weight(params, cfg).astype(dt)
     return logits.astype(jnp.float32).reshape(B, T, -1), new_cache
+
+
+def prefix_layout(tokens, lengths, right_padded: bool = False):
+    """-> (valid [n, P] bool, positions [n, P] int32) of n padded prompts [n, P] (lengths [n]): LEFT-padded unless
+    ``right_padded``; row i's real tokens get positions 0 .. len_i - 1."""
+    P = tokens.shape[1]
+    slot = jnp.arange(P)[None, :]
+    lengths = jnp.asarray(lengths, jnp.int32)[:, None]
+    offset = jnp.zeros_like(lengths) if right_padded else P - lengths
+    valid = (slot >= offset) & (slot < offset + lengths)
+    return valid, jnp.where(valid, slot - offset, 0).astype(jnp.int32)
+
+
+def prefill_cache(params, tokens, lengths, cfg: LlamaConfig, *, cache_len: int, right_padded: bool = False):
+    """Run n padded prompts [n, P] (``prefix_layout``) into a fresh cache of ``cache_len`` slots, pad slots marked
+    invalid. -> (final hidden states [n, P, D], cache); no LM head (callers apply it where they need logits)."""
+    valid, positions = prefix_layout(tokens, lengths, right_padded)
+    cache = KVCache.init(cfg, tokens.shape[0], cache_len)
+    return forward(
+        params, tokens, positions, cfg, segment_ids=valid.astype(jnp.int32), cache=cache, return_hidden=True, empty_cache=True
+    )
 
 
 def output_weight(params, cfg: LlamaConfig) -> jax.Array:

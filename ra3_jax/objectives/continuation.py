@@ -28,17 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ra3_jax.errors import InputError
-from ra3_jax.model.llama import KVCache, LlamaConfig, forward, output_weight
-
-
-def _prefix_layout(prefix_tokens, prefix_lengths, right_padded: bool):
-    """-> (valid [n, P] bool, positions [n, P] int32) of padded prefixes (positions 0 .. len-1 per row)."""
-    P = prefix_tokens.shape[1]
-    slot = jnp.arange(P)[None, :]
-    lengths = jnp.asarray(prefix_lengths, jnp.int32)[:, None]
-    offset = jnp.zeros_like(lengths) if right_padded else P - lengths
-    valid = (slot >= offset) & (slot < offset + lengths)
-    return valid, jnp.where(valid, slot - offset, 0).astype(jnp.int32)
+from ra3_jax.model.llama import KVCache, LlamaConfig, forward, output_weight, prefill_cache, prefix_layout
 
 
 def prefix_cache(
@@ -49,32 +39,15 @@ def prefix_cache(
     Size it P + C for continuations of C slots. (Scoring never writes a continuation into the cache -- the new
     keys are attended to directly -- so the numbers are the same with any cache_len >= max(P, C).) The LM head
     is not applied (the prefill's hidden states are dropped)."""
-    n, P = prefix_tokens.shape
+    P = prefix_tokens.shape[1]
     if cache_len < P:
         raise InputError(f"cache_len={cache_len} is shorter than the {P} prefix slots")
-    valid, positions = _prefix_layout(prefix_tokens, prefix_lengths, right_padded)
-    cache = KVCache.init(cfg, n, cache_len)
-    _, cache = forward(
-        params,
-        prefix_tokens,
-        positions,
-        cfg,
-        segment_ids=valid.astype(jnp.int32),
-        cache=cache,
-        return_hidden=True,
-        empty_cache=True,
-    )
-    return cache
+    return prefill_cache(params, prefix_tokens, prefix_lengths, cfg, cache_len=cache_len, right_padded=right_padded)[1]
 
 
 def repeat_cache(cache: KVCache, k: int) -> KVCache:
     """Each of the n rows repeated k times along the batch: row i*k + j of the result is row i ([n*k] rows)."""
-    return KVCache(
-        k=jnp.repeat(cache.k, k, axis=1),
-        v=jnp.repeat(cache.v, k, axis=1),
-        valid=jnp.repeat(cache.valid, k, axis=0),
-        index=cache.index,
-    )
+    return cache.repeat(k)
 
 
 def _check_shapes(cont_tokens, targets, score_mask):
@@ -155,7 +128,7 @@ def _full_hidden(params, prefix_tokens, prefix_lengths, cont_tokens, cont_length
     (no cache): the exact computation, gradient through the prefix included."""
     R, C = cont_tokens.shape
     k = R // prefix_tokens.shape[0]
-    valid, positions = _prefix_layout(prefix_tokens, prefix_lengths, right_padded)
+    valid, positions = prefix_layout(prefix_tokens, prefix_lengths, right_padded)
     lengths = jnp.asarray(prefix_lengths, jnp.int32)
     rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
     cont_valid = jnp.arange(C)[None, :] < jnp.asarray(cont_lengths)[:, None]

@@ -36,7 +36,7 @@ from ra3_jax.objectives.continuation import continuation_logprobs, policy_logpro
 from ra3_jax.objectives.elbo import switch_cost
 from ra3_jax.objectives.ntp import token_logprobs
 from ra3_jax.objectives.pg import group_advantages, kl_estimate, policy_gradient_loss
-from ra3_jax.sampler import Sampler, sampling_method
+from ra3_jax.sampler import Sampler, round_up, sampling_method
 from ra3_jax.train.state import TrainState, abstract_state, create_state, make_optimizer, state_shardings
 from ra3_jax.train.step import Objective, jit_update_step
 
@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 ROW_MULTIPLE = 32  # rows are padded to a multiple of this many tokens (fewer recompiles, less waste than 2^k)
 
 
-def pad_length(n: int, multiple: int = ROW_MULTIPLE) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
+def pad_length(n: int) -> int:
+    return round_up(n, ROW_MULTIPLE)
 
 
 # ------------------------------------------------------------------------------------------- device steps
