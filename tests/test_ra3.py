@@ -407,6 +407,30 @@ def test_pg_gradient_is_reinforce_on_the_sampled_ids(tiny_setup):
     assert max(jax.tree.leaves(diff)) > 1e-6
 
 
+def test_random_acceptance_learns_nothing_from_the_scores(tiny_setup, tmp_path):
+    """CHAINS.md's random acceptance ("no selection"): the E-step proposes from the model itself and accepts at the
+    given rate; its policy takes no gradient step on the scores (with selection, the same E-step moves it)."""
+    from ra3_jax.algorithms.ra3 import LatentProposer, make_documents
+    from ra3_jax.algorithms.ra3.em import run_estep
+
+    cfg, mcfg, params, tok = tiny_setup
+    text = "def f(a):\n    b = a * 2\n    c = b + 1\n    return c\n\nprint(f(3))\n"
+    docs = make_documents(text, "t.py", tok, cfg.ra3) * 3
+
+    def estep(name, *over):
+        c = dataclasses.replace(cfg, ra3=dataclasses.replace(cfg.ra3, **dict(over)))
+        c = dataclasses.replace(c, train=dataclasses.replace(c.train, progress=False, async_checkpoints=False))
+        return run_estep(LatentProposer(c, mcfg, tok, _mesh1()), params, docs, 0, str(tmp_path / name), c)
+
+    lat_r, stats_r, pol_r = estep("random", ("selection", "random"), ("random_accept_rate", 1.0))
+    lat_b, stats_b, pol_b = estep("best", ("alpha", 0.6))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pol_r), jax.device_get(params))
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), pol_b, params)
+    assert max(jax.tree.leaves(moved)) > 0
+    assert stats_r["accepted"] == stats_r["candidates"] > 0  # rate 1: every candidate takes one of its samples
+    assert "pg_loss" not in stats_r and "pg_loss" in stats_b
+
+
 def test_switch_cost():
     assert switch_cost(0.5) == 0.0 and switch_cost(1.0) == math.inf
     np.testing.assert_allclose(switch_cost(0.9), math.log(9.0))

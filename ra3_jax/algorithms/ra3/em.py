@@ -241,6 +241,7 @@ def run_estep(proposer: LatentProposer, model_params, docs: list[Document], k: i
     else:
         st = EStepState(proposer.init_policy(model_params), {}, {})
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1000 + k)
+    learn = r.selection != "random"  # CHAINS.md's random acceptance: no selection, so no policy gradient on the scores
 
     def step(st: EStepState, b: int):  # loop step b = E-step batch b - 1
         idx = list(range((b - 1) * B, min(b * B, len(docs))))
@@ -248,7 +249,10 @@ def run_estep(proposer: LatentProposer, model_params, docs: list[Document], k: i
         for j, rnd in enumerate(candidate_rounds(docs, idx, r.candidates_per_doc, (cfg.train.seed, k), proposer.first)):
             cands = [proposer.candidate(docs, d, t, st.latents.get(d, {})) for d, t in rnd]
             rkey = jax.random.fold_in(key, (b - 1) * 1000 + j)
-            st.policy, s = proposer.run_round(cands, st.latents, rkey, policy_state=st.policy, model_params=model_params)
+            if learn:
+                st.policy, s = proposer.run_round(cands, st.latents, rkey, policy_state=st.policy, model_params=model_params)
+            else:  # random acceptance learns nothing from the scores: its proposals come from the model itself
+                _, s = proposer.run_round(cands, st.latents, rkey, model_params=model_params)
             pg_loss += s.get("pg_loss", 0.0)
             sum_stats(st.stats, s)
             st.stats.setdefault("batch_gain_means", []).append(s["gain_sum"] / max(s["gain_count"], 1))
