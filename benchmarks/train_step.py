@@ -1,7 +1,9 @@
 """Train-step throughput: ours vs HF transformers LlamaForCausalLM (eager, CPU torch), and MFU against a
 matmul ceiling measured in the same run. Shape (issue #2): d=512, 8 layers, vocab 16k, seq 512,
 2048 tokens/step, float32. Usage: python benchmarks/train_step.py [--steps 10] [--dtype float32|bfloat16]
-[--preset cpu|1b] (1b = a ~1B Llama shape for GPUs).
+[--preset cpu|1b] (1b = a ~1B Llama shape for GPUs) [--attention xla,blocked,pallas] [--attention-block 128].
+Each attention implementation (model/attention.py) is measured in the same run; ratios are against the first
+one (the XLA reference by default) and against HF eager.
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--remat", default="none")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--attention", default="xla,blocked", help="comma-separated implementations (model/attention.py)")
+    ap.add_argument("--attention-block", type=int, default=128)
     args = ap.parse_args()
     p = dict(PRESETS[args.preset])
     batch, seq = p.pop("batch"), p.pop("seq")
@@ -128,7 +132,6 @@ def main():
         **p, tie_embeddings=False, max_seq_len=seq, param_dtype="float32", compute_dtype=args.dtype, remat=args.remat
     )
     ceiling = matmul_ceiling(jnp.dtype(args.dtype))
-    ours, compile_s = bench_ours(cfg, batch, seq, args.steps, args.dtype)
     flops = model_flops_per_token(cfg, seq)
     res = {
         "device": str(jax.devices()[0].device_kind),
@@ -137,15 +140,26 @@ def main():
         "dtype": args.dtype,
         "params": cfg.num_params(),
         "tokens_per_step": batch * seq,
-        "ours_tokens_per_s": round(ours, 1),
-        "compile_s": round(compile_s, 1),
         "matmul_ceiling_tflops": round(ceiling / 1e12, 3),
-        "model_tflops": round(ours * flops / 1e12, 3),
-        "mfu_vs_measured_ceiling": round(ours * flops / ceiling, 3),
+        "attention": {},
     }
+    first = None
+    for impl in args.attention.split(","):
+        c = cfg.replace(attention=impl, attention_block=args.attention_block)
+        ours, compile_s = bench_ours(c, batch, seq, args.steps, args.dtype)
+        first = first or ours
+        res["attention"][impl] = {
+            "tokens_per_s": round(ours, 1),
+            "compile_s": round(compile_s, 1),
+            "model_tflops": round(ours * flops / 1e12, 3),
+            "mfu_vs_measured_ceiling": round(ours * flops / ceiling, 3),
+            "ratio_vs_first": round(ours / first, 3),
+        }
     if not args.no_hf:
         hf = bench_hf(cfg, batch, seq, max(2, args.steps // 2))
-        res.update(hf_eager_tokens_per_s=round(hf, 1), ratio_vs_hf_eager=round(ours / hf, 2))
+        res["hf_eager_tokens_per_s"] = round(hf, 1)
+        for r in res["attention"].values():
+            r["ratio_vs_hf_eager"] = round(r["tokens_per_s"] / hf, 2)
     print(json.dumps(res, indent=1))
 
 

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from ra3_jax.errors import InputError
+from ra3_jax.model.attention import NEG_INF, AttentionImpl, dense, self_attention
 
-NEG_INF = -1e30
 RopeLayout = Literal["half", "interleaved"]
 DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
@@ -47,6 +47,9 @@ class LlamaConfig:
     remat: Remat = "none"  # none | full | dots | dots_no_batch (per-layer checkpointing policy)
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per scan iteration (>1 trades compile time for fewer loop overheads)
+    attention: AttentionImpl = "auto"  # training attention (model/attention.py): auto | xla | blocked | pallas
+    attention_block: int = 128  # query block of the blocked and flash implementations
+    decode_buckets: int = 4  # cached attention reads the first k/n of the cache slots when the rest are empty
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -146,23 +149,6 @@ def _remat_policy(name: str):
     }[name]
 
 
-def _attention(q, k, v, mask, cfg: LlamaConfig):
-    """q: [B,T,K,G,Dh]; k,v: [B,K,S,Dh]; mask: [B,T,S] bool -> [B,T,K,G,Dh].
-
-    Computed as contiguous 3-D batched matmuls over (B*K) with the G query heads of a kv head stacked along
-    the query axis ([B*K, G*T, Dh] x [B*K, S, Dh]); measured ~1.5x faster on CPU than a 5-D einsum.
-    """
-    B, T, K, G, Dh = q.shape
-    S = k.shape[2]
-    qt = q.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, Dh)
-    scores = jnp.einsum("bqd,bsd->bqs", qt, k.reshape(B * K, S, Dh), preferred_element_type=jnp.float32)
-    scores = scores.reshape(B, K, G, T, S) * (Dh**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
-    out = jnp.einsum("bqs,bsd->bqd", probs, v.reshape(B * K, S, Dh))
-    return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4)
-
-
 def _attention_cached(q, ck, cv, k_new, v_new, mask_old, mask_new):
     """Attention of T new queries over the cache's S slots plus the T new keys, without writing the new keys
     into the cache first (that copy of the layer's cache per step dominated decode on CPU).
@@ -191,6 +177,32 @@ def _attention_cached(q, ck, cv, k_new, v_new, mask_old, mask_new):
     return out.astype(dt).reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4)
 
 
+def attended_lengths(S: int, n: int) -> list[int]:
+    """The static cache lengths a cached attention may read: n buckets up to S (multiples of 8 where S allows)."""
+    if n <= 1 or S <= 8 * n:
+        return [S]
+    sizes = sorted({min(S, -(-(S * (i + 1) // n) // 8) * 8) for i in range(n)})
+    return sizes if sizes[-1] == S else [*sizes, S]
+
+
+def _attention_cached_bucketed(q, ck, cv, k_new, v_new, mask_old, mask_new, index, n_buckets: int, dt):
+    """``_attention_cached`` over the first L cache slots only, L the smallest of ``attended_lengths`` that holds
+    every slot written so far (``index``; the slots after it are masked out, so the result is the same): a
+    decode step early in a long cache stops reading the empty slots. One ``lax.switch`` branch per length."""
+    S = ck.shape[2]
+    sizes = attended_lengths(S, n_buckets)
+
+    def branch(L):
+        return lambda: _attention_cached(
+            q, ck[:, :, :L].astype(dt), cv[:, :, :L].astype(dt), k_new, v_new, mask_old[..., :L], mask_new
+        )
+
+    if len(sizes) == 1:
+        return branch(S)()
+    i = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), index, side="left")
+    return jax.lax.switch(jnp.minimum(i, len(sizes) - 1), [branch(L) for L in sizes])
+
+
 def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: int, T: int):
     """One decoder block on flat activations x: [N, D]. Returns (x, (k_cache, v_cache))."""
     dt = cfg.dtype
@@ -211,12 +223,13 @@ def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: in
             # only the T new slots leave the layer; the caller writes them into the cache once, in place
             mask_old, mask_new = mask
             if mask_old is None:  # an empty cache (prefill): only the new keys
-                attn = _attention(q, k_new.astype(dt), v_new.astype(dt), mask_new, cfg)
+                attn = dense(q, k_new.astype(dt), v_new.astype(dt), mask_new)
             else:
-                attn = _attention_cached(q, ck.astype(dt), cv.astype(dt), k_new.astype(dt), v_new.astype(dt), mask_old, mask_new)
+                args = (q, ck, cv, k_new.astype(dt), v_new.astype(dt), mask_old, mask_new)
+                attn = _attention_cached_bucketed(*args, cache_index, cfg.decode_buckets, dt)
             new_kv = (k_new, v_new)
         else:
-            attn, new_kv = _attention(q, k, v, mask, cfg), None
+            attn, new_kv = self_attention(q, k, v, mask, impl=cfg.attention, block=cfg.attention_block), None
         attn = attn.reshape(B * T, K * G * Dh)
         x = x + attn @ lp["wo"].astype(dt)
     with jax.named_scope("mlp"):
@@ -230,14 +243,13 @@ def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: in
 def _masks(segment_ids: jax.Array, cache: KVCache | None, empty_cache: bool):
     """Attention masks -> (mask, cache valid after this call or None).
 
-    Without a cache: [B, T, T] causal + same-segment, pads excluded. With one: (mask_old [B, T, S] over the
+    Without a cache: the segment ids themselves (model/attention.py builds the causal + same-segment mask its
+    implementation needs). With one: (mask_old [B, T, S] over the
     slots written before this call and real -- None for an empty cache --, mask_new [B, T, T] causal among the
     new tokens, pads excluded)."""
     B, T = segment_ids.shape
     if cache is None:
-        causal = jnp.tril(jnp.ones((T, T), bool))
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        return causal[None] & same & (segment_ids[:, None, :] != 0), None
+        return segment_ids, None
     S = cache.max_len
     valid = jax.lax.dynamic_update_slice(cache.valid, segment_ids != 0, (0, cache.index))
     mask_old = None
