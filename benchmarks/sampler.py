@@ -1,7 +1,7 @@
 """Decode throughput of the in-graph sampler vs (a) HF transformers `generate` with KV cache and (b) a naive
 no-cache JAX loop, same shape and weights, one run. Shape (issue #3): d=256, 4 layers, vocab 8k, batch 16,
 prompt 64, 128 new tokens, float32, greedy; ours and HF are each the best of 3 timed runs.
-Usage: python benchmarks/sampler.py [--batch 16] [--smollm2]
+Usage: python benchmarks/sampler.py [--batch 16] [--smollm2] [--decode-buckets 1,4]
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M tokens/s at this batch")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--decode-buckets", default="", help="also time these LlamaConfig.decode_buckets values, e.g. 1,4")
     ap.add_argument("--smollm2-shape", action="store_true", help="SmolLM2-135M shape with random weights (no GGUF needed)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--hbm-gbps", type=float, default=0.0, help="HBM bandwidth for the decode roofline (H100 SXM: 3350)")
@@ -107,6 +108,11 @@ def main():
     params = init_params(cfg, jax.random.key(0))
     prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (args.batch, args.prompt)).astype(np.int32)
     ours, _ = run_ours(params, cfg, prompts, args.new)
+    buckets = {}
+    for n in [int(x) for x in args.decode_buckets.split(",") if x]:  # the attended-length buckets of decode
+        buckets[f"decode_buckets_{n}_tokens_per_s"] = round(
+            run_ours(params, cfg.replace(decode_buckets=n), prompts, args.new)[0], 1
+        )
     naive = run_naive(params, cfg, prompts, args.new)
     res = {
         "device": jax.devices()[0].device_kind,
@@ -116,6 +122,7 @@ def main():
         "ours_tokens_per_s": round(ours, 1),
         "naive_tokens_per_s": round(naive, 1),
         "ratio_vs_naive": round(ours / naive, 1),
+        **buckets,
     }
     if not args.no_hf:
         hf = run_hf(cfg, params, prompts, args.new)

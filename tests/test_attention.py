@@ -59,20 +59,39 @@ def test_implementation_matches_reference_forward_and_gradient(impl, block):
 
     ref_fn = lambda q, k, v: self_attention(q, k, v, seg, impl="xla")
     fn = lambda q, k, v: self_attention(q, k, v, seg, impl=impl, block=block)
-    np.testing.assert_allclose(np.asarray(fn(q, k, v))[REAL], np.asarray(ref_fn(q, k, v))[REAL], atol=2e-5)
+    out = np.asarray(fn(q, k, v))
+    assert np.isfinite(out).all()  # pad queries too: unspecified, but never NaN
+    np.testing.assert_allclose(out[REAL], np.asarray(ref_fn(q, k, v))[REAL], atol=2e-5)
     g = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g, g_ref):
+        assert np.isfinite(np.asarray(a)).all()
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
     assert float(jnp.abs(g_ref[1]).max()) > 0.1  # the gradient is not trivially zero
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="auto is platform-dependent")
 def test_resolution_by_platform_and_shape():
     assert resolve("auto", 512, 128) == "blocked"  # CPU (the test platform)
     assert resolve("blocked", 100, 32) == "xla" and resolve("blocked", 64, 64) == "xla"  # ragged / one block
-    assert resolve("pallas", 96, 64) == "xla" and resolve("pallas", 32, 64) == "pallas"  # block capped at T
+    assert resolve("pallas", 32, 64) == "pallas" and resolve("pallas", 256, 128) == "pallas"  # tile capped at T
+    # flash tiles must be powers of two >= 16 dividing T (the backward's 64-token tile too)
+    assert resolve("pallas", 96, 64) == "xla" and resolve("pallas", 96, 128) == "xla" and resolve("pallas", 8, 128) == "xla"
     with pytest.raises(ValueError, match="not one of"):
         self_attention(*_inputs(), jnp.asarray(SEGMENTS), impl="flash")
+    with pytest.raises(ValueError, match="attention_block"):
+        resolve("blocked", 64, 0)
+
+
+def test_pallas_refuses_a_mesh_of_several_devices():
+    from ra3_jax.config import load_config
+    from ra3_jax.errors import RA3Error
+    from ra3_jax.train.context import make_run_mesh
+
+    n = jax.device_count()  # the tests' 8 fake CPU devices: the mesh spans them all
+    with pytest.raises(RA3Error, match=f"model.attention=pallas runs on one device, but this mesh has {n}"):
+        make_run_mesh(load_config(None, ["model.attention=pallas", "mesh.data=-1"]))
+    assert make_run_mesh(load_config(None, ["model.attention=xla", "mesh.data=-1"])).size == n
 
 
 def test_model_forward_is_the_same_with_every_implementation():
@@ -80,7 +99,7 @@ def test_model_forward_is_the_same_with_every_implementation():
     from ra3_jax.model.llama import LlamaConfig, forward
     from ra3_jax.model.params import init_params
 
-    cfg = LlamaConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=96, max_seq_len=T)
+    cfg = LlamaConfig(vocab_size=97, d_model=96, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=96, max_seq_len=T)
     params = init_params(cfg, jax.random.key(0))
     toks = jax.random.randint(jax.random.key(1), (B, T), 1, 97)
     seg = jnp.asarray(SEGMENTS)
@@ -93,6 +112,7 @@ def test_model_forward_is_the_same_with_every_implementation():
     (l_ref, lg_ref), g_ref = jax.value_and_grad(loss, has_aux=True)(params, "xla", 128)
     for impl, block in [("blocked", 16), ("pallas", 32)]:
         (lv, lg), g = jax.value_and_grad(loss, has_aux=True)(params, impl, block)
+        assert np.isfinite(np.asarray(lg)).all() and np.isfinite(float(lv))
         np.testing.assert_allclose(np.asarray(lg)[REAL], np.asarray(lg_ref)[REAL], atol=1e-4)
         np.testing.assert_allclose(float(lv), float(l_ref), rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g, g_ref)
@@ -101,11 +121,13 @@ def test_model_forward_is_the_same_with_every_implementation():
 def test_decode_reads_a_bucketed_cache_length_with_the_same_result():
     """Cached attention over the first L slots (L: the smallest bucket holding every written slot) gives the same
     logits as reading all S slots, at every cache fill, for prefill-then-decode with left padding."""
-    from ra3_jax.model.llama import KVCache, LlamaConfig, attended_lengths, forward
+    from ra3_jax.model.llama import KVCache, LlamaConfig, attended_bucket, attended_lengths, forward
     from ra3_jax.model.params import init_params
 
     assert attended_lengths(64, 4) == [16, 32, 48, 64] and attended_lengths(100, 4) == [32, 56, 80, 100]
     assert attended_lengths(24, 4) == [24] and attended_lengths(64, 1) == [64]
+    sizes = [16, 32, 48, 64]  # index = slots written so far: 16 fit the first bucket, 17 need the second
+    assert [int(attended_bucket(sizes, i)) for i in (1, 16, 17, 47, 48, 49, 64)] == [0, 0, 1, 2, 2, 3, 3]
     cfg = LlamaConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
     params = init_params(cfg, jax.random.key(2))
     rng = np.random.default_rng(0)
@@ -114,7 +136,7 @@ def test_decode_reads_a_bucketed_cache_length_with_the_same_result():
     seg[1, :3] = 0  # a left-padded row
     toks = jnp.asarray(rng.integers(1, 61, (B2, P)), jnp.int32)
     pos = jnp.asarray(np.maximum(np.cumsum(seg, 1) - 1, 0), jnp.int32)
-    new_toks = [jnp.asarray(rng.integers(1, 61, (B2, 1)), jnp.int32) for _ in range(40)]  # crosses 16, 32 and 48
+    new_toks = [jnp.asarray(rng.integers(1, 61, (B2, 1)), jnp.int32) for _ in range(50)]  # crosses 16, 32 and 48
     out = {}
     for n in (1, 4):
         c = cfg.replace(decode_buckets=n)

@@ -12,10 +12,13 @@ no real token attends to a pad key.
   only, so the fully masked key blocks above the diagonal are never computed (~(n + 1) / 2n of the score and
   value FLOPs for n blocks; the segment and pad masks still apply inside). Exact: each block is one softmax.
 - ``pallas`` (GPU): the Pallas (Triton) flash-attention kernel with segment ids and the causal mask; kv heads
-  repeated for GQA. On another platform it runs in interpret mode (correctness tests only: slow).
+  repeated for GQA; one device (a pallas_call is not partitioned over a mesh: runs refuse a larger one,
+  train/context.py). On the CPU it runs in interpret
+  mode (correctness tests only: slow); on a TPU it falls back to ``xla``.
 - ``auto``: ``blocked`` on CPU, ``xla`` elsewhere (the flash kernel is opt-in until the GPU check has measured
   it on the device; `benchmarks/train_step.py --attention` compares them).
-A shape an implementation cannot take (T not a multiple of its block) falls back to ``xla``.
+A shape an implementation cannot take (T not a multiple of its block; flash tiles not powers of two) falls back
+to ``xla`` (``resolve``).
 """
 
 from __future__ import annotations
@@ -54,14 +57,28 @@ def segment_mask(q_seg, k_seg, q_start: int = 0):
     return causal & (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
 
 
+def flash_tiles(T: int, block: int) -> tuple[int, int]:
+    """(forward tile, backward tile) of the Pallas kernel for T tokens."""
+    bq = min(block, T)
+    return bq, min(bq, 64)
+
+
 def resolve(impl: str, T: int, block: int) -> str:
-    """The implementation that runs for a sequence of T tokens (``auto`` by platform; fallbacks by shape)."""
+    """The implementation that runs for a sequence of T tokens (``auto`` by platform; fallbacks by shape and
+    platform: the flash kernel needs power-of-two tiles >= 16 that divide T and a GPU, or the CPU for tests
+    (interpret mode); elsewhere it is ``xla``)."""
+    if block < 1:
+        raise ValueError(f"attention_block={block} must be >= 1")
+    platform = jax.default_backend()
     if impl == "auto":
-        impl = "blocked" if jax.default_backend() == "cpu" else "xla"
+        impl = "blocked" if platform == "cpu" else "xla"
     if impl == "blocked" and (T <= block or T % block):
         return "xla"
-    if impl == "pallas" and T % min(block, T):
-        return "xla"
+    if impl == "pallas":
+        bq, bk = flash_tiles(T, block)
+        tiles_ok = bq >= 16 and bq & (bq - 1) == 0 and T % bq == 0 and T % bk == 0
+        if not tiles_ok or platform not in ("gpu", "cpu"):
+            return "xla"
     return impl
 
 
@@ -74,7 +91,7 @@ def self_attention(q, k, v, segment_ids, *, impl: str = "auto", block: int = 128
     if impl == "blocked":
         return _blocked(q, k, v, segment_ids, block)
     if impl == "pallas":
-        return _pallas(q, k, v, segment_ids, min(block, T))
+        return _pallas(q, k, v, segment_ids, block)
     raise ValueError(f"attention implementation {impl!r} is not one of auto, xla, blocked, pallas")
 
 
@@ -94,8 +111,8 @@ def _pallas(q, k, v, segment_ids, block: int):
     qh = q.reshape(B, T, K * G, Dh)
     kh = jnp.repeat(k.transpose(0, 2, 1, 3), G, axis=2)  # [B, T, H, Dh]: head h reads kv head h // G
     vh = jnp.repeat(v.transpose(0, 2, 1, 3), G, axis=2)
-    b = min(block, 64)  # the backward kernels' tiles
-    sizes = flash.BlockSizes(block_q=block, block_k=block, block_q_dkv=b, block_kv_dkv=b, block_q_dq=b, block_kv_dq=b)
+    bq, b = flash_tiles(T, block)
+    sizes = flash.BlockSizes(block_q=bq, block_k=bq, block_q_dkv=b, block_kv_dkv=b, block_q_dq=b, block_kv_dq=b)
     out = flash.mha(
         qh,
         kh,

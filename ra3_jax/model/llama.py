@@ -199,8 +199,12 @@ def _attention_cached_bucketed(q, ck, cv, k_new, v_new, mask_old, mask_new, inde
 
     if len(sizes) == 1:
         return branch(S)()
-    i = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), index, side="left")
-    return jax.lax.switch(jnp.minimum(i, len(sizes) - 1), [branch(L) for L in sizes])
+    return jax.lax.switch(attended_bucket(sizes, index), [branch(L) for L in sizes])
+
+
+def attended_bucket(sizes: list[int], index):
+    """Index of the smallest of ``sizes`` that holds ``index`` written slots (traced or concrete)."""
+    return jnp.minimum(jnp.searchsorted(jnp.asarray(sizes, jnp.int32), index, side="left"), len(sizes) - 1)
 
 
 def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: int, T: int):

@@ -26,7 +26,17 @@ from ra3_jax.tokenizer import HFTokenizer, SentencePieceTokenizer
 
 MODEL_CONFIG = "model_config.json"
 
-_RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_layers", "scan_unroll")
+# how the model runs, not what it is: the run's config wins over a checkpoint's model_config.json
+_RUNTIME_FIELDS = (
+    "param_dtype",
+    "compute_dtype",
+    "remat",
+    "scan_layers",
+    "scan_unroll",
+    "attention",
+    "attention_block",
+    "decode_buckets",
+)
 TOKENIZER_FILES = (HFTokenizer.FILE, SentencePieceTokenizer.FILE)
 
 
