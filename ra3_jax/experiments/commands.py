@@ -34,7 +34,12 @@ def add_parsers(sub, with_config) -> None:
     c.add_argument("--samples", type=int, default=10, help="temperature samples per task (pass@1 / pass@10)")
     c.add_argument("--temperature", type=float, default=0.8)
     c.add_argument("--gate", type=float, default=0.8, help="required forced-mode thought-step accuracy of the base model")
-    c.add_argument("--base-step", type=int, default=0, help="pre-training checkpoint step the arms start from (0: the last)")
+    c.add_argument(
+        "--base-step",
+        type=int,
+        default=1800,
+        help="pre-training checkpoint step the arms start from (default 1800 of the 2,900-step schedule; 0: the last)",
+    )
     c.add_argument("--pretrain-from", default="", help="share the tokenizer and pre-training of this experiment dir (sweeps)")
     for stage, name in DEFAULT_CONFIGS.items():
         c.add_argument(f"--{stage}-config", default="", help=f"default: configs/{name}")
