@@ -34,11 +34,12 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
+from sampler import SMOLLM2_SHAPE  # noqa: E402  (benchmarks/sampler.py)
+
 from ra3_jax.model import LlamaConfig, init_params  # noqa: E402
 
 # Dense bf16 peak and HBM bandwidth by device kind (vendor figures); other devices: measured ceiling only.
 DEVICE_PEAKS = {"H200": (989.4e12, 4.8e12), "H100": (989.4e12, 3.35e12)}
-SMOLLM2 = dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536, rope_theta=1e5)
 TINY = dict(vocab_size=2048, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
 
 
@@ -77,10 +78,10 @@ def section_train(dry: bool, impls: list[str]) -> dict:
 
 
 def section_decode(dry: bool, batches: list[int]) -> dict:
-    from sampler import run_ours
+    from sampler import decode_roofline, run_ours
 
     dtype = "float32" if dry else "bfloat16"
-    shape = TINY if dry else SMOLLM2
+    shape = TINY if dry else SMOLLM2_SHAPE
     prompt, new = (16, 16) if dry else (64, 128)
     cfg = LlamaConfig(**shape, max_seq_len=1024, param_dtype=dtype, compute_dtype=dtype)
     params = init_params(cfg, jax.random.key(0))
@@ -90,9 +91,8 @@ def section_decode(dry: bool, batches: list[int]) -> dict:
     for b in batches:
         prompts = np.random.default_rng(b).integers(1, cfg.vocab_size, (b, prompt)).astype(np.int32)
         tps = run_ours(params, cfg, prompts, new)[0]
-        # per step: every weight once + the K and V cache slots attended (on average half way through the decode)
-        kv = 2 * cfg.n_layers * b * cfg.n_kv_heads * (prompt + new / 2) * cfg.head_dim * nbytes
-        roof = b * bw / (cfg.num_params() * nbytes + kv) if bw else None
+        # the cache slots attended on average: half way through the decode
+        roof = decode_roofline(cfg, b, prompt + new / 2, nbytes, bw) if bw else None
         out[f"batch_{b}"] = {
             "tokens_per_s": round(tps, 1),
             "roofline_tokens_per_s": round(roof, 1) if roof else None,
@@ -102,18 +102,16 @@ def section_decode(dry: bool, batches: list[int]) -> dict:
 
 
 def stdlib_texts(limit_bytes: int) -> list[str]:
-    root, texts, n = os.path.dirname(os.__file__), [], 0
-    for dirpath, _, files in sorted(os.walk(root)):
-        if "site-packages" in dirpath or "test" in dirpath:
-            continue
-        for f in sorted(files):
-            if f.endswith(".py") and n < limit_bytes:
-                try:
-                    with open(os.path.join(dirpath, f), encoding="utf-8") as fh:
-                        texts.append(fh.read())
-                except (UnicodeDecodeError, OSError):
-                    continue
-                n += len(texts[-1])
+    """The standard library's sources (tests left out, the corpus builder's listing), up to ``limit_bytes``."""
+    from ra3_jax.data.corpus import list_source_files, read_source
+
+    texts, n = [], 0
+    for f in list_source_files(["stdlib"]):
+        if n >= limit_bytes:
+            break
+        if (text := read_source(f, skip_non_utf8=True)) is not None:
+            texts.append(text)
+            n += len(text)
     return texts
 
 
@@ -127,7 +125,7 @@ def section_estep(dry: bool, workdir: str) -> dict:
     texts = stdlib_texts(1_000_000 if dry else 3_000_000)
     vocab = 1024 if dry else 8192
     tok = train_sentencepiece(texts, vocab, os.path.join(workdir, "spm"))
-    shape = dict(TINY, vocab_size=vocab) if dry else SMOLLM2
+    shape = dict(TINY, vocab_size=vocab) if dry else SMOLLM2_SHAPE
     dtype = "float32" if dry else "bfloat16"
     over = ["model.init=random", f"model.param_dtype={dtype}", f"model.compute_dtype={dtype}"]
     over += [f"model.{k}={v}" for k, v in shape.items()] + ["tokenizer.kind=sentencepiece", f"tokenizer.path={workdir}/spm"]

@@ -19,6 +19,14 @@ from ra3_jax.model import LlamaConfig, forward, init_params
 from ra3_jax.sampler import Greedy, build_stop_automata, generate
 
 REPEATS = 3
+SMOLLM2_SHAPE = dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536, rope_theta=1e5)
+
+
+def decode_roofline(cfg, batch: int, attended: float, nbytes: int, bytes_per_s: float) -> float:
+    """Decode tokens/s if each step only read, at ``bytes_per_s``, every weight once plus the K and V of the
+    ``attended`` cache slots of every row."""
+    kv = 2 * cfg.n_layers * batch * cfg.n_kv_heads * attended * cfg.head_dim * nbytes
+    return batch * bytes_per_s / (cfg.num_params() * nbytes + kv)
 
 
 def run_ours(params, cfg, prompts, new):
@@ -128,27 +136,14 @@ def main():
         hf = run_hf(cfg, params, prompts, args.new)
         res.update(hf_generate_tokens_per_s=round(hf, 1), ratio_vs_hf_generate=round(ours / hf, 2))
     if args.smollm2_shape:
-        scfg = LlamaConfig(
-            vocab_size=49152,
-            d_model=576,
-            n_layers=30,
-            n_heads=9,
-            n_kv_heads=3,
-            d_ff=1536,
-            rope_theta=1e5,
-            max_seq_len=8192,
-            param_dtype=args.dtype,
-            compute_dtype=args.dtype,
-        )
+        scfg = LlamaConfig(**SMOLLM2_SHAPE, max_seq_len=8192, param_dtype=args.dtype, compute_dtype=args.dtype)
         sp = init_params(scfg, jax.random.key(0))
         sprompts = np.random.default_rng(1).integers(1, 40000, (args.batch, args.prompt)).astype(np.int32)
         tps = run_ours(sp, scfg, sprompts, args.new)[0]
         res[f"smollm2_shape_{args.dtype}_tokens_per_s"] = round(tps, 1)
         if args.hbm_gbps:
-            nbytes = jnp.dtype(args.dtype).itemsize
             S = args.prompt + args.new  # cache slots read per step (the whole bucketed cache)
-            per_step = scfg.num_params() * nbytes + 2 * scfg.n_layers * args.batch * scfg.n_kv_heads * S * scfg.head_dim * nbytes
-            roof = args.batch / (per_step / (args.hbm_gbps * 1e9))
+            roof = decode_roofline(scfg, args.batch, S, jnp.dtype(args.dtype).itemsize, args.hbm_gbps * 1e9)
             res.update(decode_roofline_tokens_per_s=round(roof, 1), fraction_of_roofline=round(tps / roof, 3))
     if args.smollm2:
         from ra3_jax.model.convert import load_gguf, smollm2_gguf_path

@@ -13,8 +13,8 @@ no real token attends to a pad key.
   value FLOPs for n blocks; the segment and pad masks still apply inside). Exact: each block is one softmax.
 - ``pallas`` (GPU): the Pallas (Triton) flash-attention kernel with segment ids and the causal mask; kv heads
   repeated for GQA; one device (a pallas_call is not partitioned over a mesh: runs refuse a larger one,
-  train/context.py). On the CPU it runs in interpret
-  mode (correctness tests only: slow); on a TPU it falls back to ``xla``.
+  train/context.py). On the CPU it runs in interpret mode (correctness tests only: slow); on a TPU it falls
+  back to ``xla``.
 - ``auto``: ``blocked`` on CPU, ``xla`` elsewhere (the flash kernel is opt-in until the GPU check has measured
   it on the device; `benchmarks/train_step.py --attention` compares them).
 A shape an implementation cannot take (T not a multiple of its block; flash tiles not powers of two) falls back
