@@ -136,3 +136,34 @@ def test_bfloat16_compute_is_close_to_float32():
     bf16, _ = forward(p, toks, pos, cfg.replace(compute_dtype="bfloat16"))
     assert bf16.dtype == jnp.float32  # logits are always returned in float32
     assert np.abs(np.asarray(bf16) - np.asarray(f32)).max() < 0.1 * np.abs(np.asarray(f32)).max()
+
+
+def test_cpu_dense_gradient_equals_autodiff_of_the_plain_product(monkeypatch):
+    """On the CPU the dense layers' weight gradient comes from a custom VJP (an explicit transposed copy of the
+    input, model/llama.py ``_matmul_cpu``); the whole model's loss gradient equals autodiff of the plain
+    ``x @ w`` (tied and untied heads, remat, bfloat16 compute: every gradient keeps its parameter's dtype)."""
+    from ra3_jax.model import llama
+
+    assert jax.default_backend() == "cpu"
+    cfg, p, toks, pos = _model_and_batch(11, 10)
+
+    def grads(c):
+        pc = init_params(c, jax.random.key(11))
+        return jax.value_and_grad(lambda q: (forward(q, toks, pos, c)[0] ** 2).mean())(pc)
+
+    variants = (
+        cfg,
+        cfg.replace(tie_embeddings=not cfg.tie_embeddings),
+        cfg.replace(remat="dots"),
+        cfg.replace(compute_dtype="bfloat16"),
+    )
+    ours = [grads(c) for c in variants]
+    with monkeypatch.context() as m:
+        m.setattr(llama, "matmul", lambda x, w: x @ w)
+        plain = [grads(c) for c in variants]
+    for c, (v, g), (v_ref, g_ref) in zip(variants, ours, plain):
+        tol = 2e-2 if c.compute_dtype == "bfloat16" else 1e-5
+        np.testing.assert_allclose(v, v_ref, rtol=tol)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(a, b, atol=tol * max(1.0, float(jnp.abs(b).max())), rtol=tol)
