@@ -7,7 +7,10 @@ implementation returns [B, T, K, G, Dh] and agrees with ``dense`` (the XLA refer
 forward and gradient (tests/test_attention.py). Pad queries' outputs are unspecified: no loss reads them and
 no real token attends to a pad key.
 
-- ``xla``: the reference: one [T, T] score matrix per head, the causal + segment mask applied to it.
+- ``xla``: the reference: one [T, T] score matrix per head, the causal + segment mask applied to it. Its
+  gradient (and the blocked one's) is the closed form of softmax attention (``_attend_bwd``: one pass over the
+  scores; saves the exponentiated scores, not autodiff's intermediates), tested against autodiff through a plain
+  softmax.
 - ``blocked`` (CPU): queries in blocks of ``attention_block``; block i attends to keys [0, (i + 1) * block)
   only, so the fully masked key blocks above the diagonal are never computed (~(n + 1) / 2n of the score and
   value FLOPs for n blocks; the segment and pad masks still apply inside). Exact: each block is one softmax.
@@ -36,17 +39,66 @@ def dense(q, k, v, mask):
     """q: [B,T,K,G,Dh]; k,v: [B,K,S,Dh]; mask: [B,T,S] bool -> [B,T,K,G,Dh].
 
     Computed as contiguous 3-D batched matmuls over (B*K) with the G query heads of a kv head stacked along
-    the query axis ([B*K, G*T, Dh] x [B*K, S, Dh]); measured ~1.5x faster on CPU than a 5-D einsum.
+    the query axis ([B*K, G*T, Dh] x [B*K, S, Dh]); measured ~1.5x faster on CPU than a 5-D einsum. The gradient
+    is the closed form (``_attend_bwd``), not autodiff through the softmax.
     """
     B, T, K, G, Dh = q.shape
     S = k.shape[2]
     qt = q.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, Dh)
-    scores = jnp.einsum("bqd,bsd->bqs", qt, k.reshape(B * K, S, Dh), preferred_element_type=jnp.float32)
-    scores = scores.reshape(B, K, G, T, S) * (Dh**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
-    out = jnp.einsum("bqs,bsd->bqd", probs, v.reshape(B * K, S, Dh))
+    out = _attend(qt, k.reshape(B * K, S, Dh), v.reshape(B * K, S, Dh), mask)
     return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4)
+
+
+def _cpu_barrier(x):
+    """On the CPU, keep XLA from fusing these softmax intermediates into the matmul that reads them (its fused
+    softmax + matmul kernel measured slower than the two apart); elsewhere the identity."""
+    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+
+
+def _exp_scores(qt, k, mask):
+    """exp(q k^T / sqrt(Dh) - row max) over the keys ``mask`` allows, and the row sums: qt [B*K, G*T, Dh],
+    k [B*K, S, Dh], mask [B, T, S] -> ([B*K, G*T, S], [B*K, G*T, 1]) float32 (the softmax is their ratio)."""
+    BK, GT, Dh = qt.shape
+    B, T, S = mask.shape
+    scores = jnp.einsum("bqd,bsd->bqs", qt * jnp.asarray(Dh**-0.5, qt.dtype), k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores.reshape(B, BK // B, GT // T, T, S), NEG_INF)
+    e = jnp.exp(scores - scores.max(-1, keepdims=True)).reshape(BK, GT, S)
+    return _cpu_barrier((e, e.sum(-1, keepdims=True)))
+
+
+@jax.custom_vjp
+def _attend(qt, k, v, mask):
+    """[B*K, G*T, Dh] softmax attention over v [B*K, S, Dh] (weights: ``_exp_scores``)."""
+    return _attend_fwd(qt, k, v, mask)[0]
+
+
+def _attend_fwd(qt, k, v, mask):
+    e, denom = _exp_scores(qt, k, mask)
+    e = e.astype(v.dtype)
+    # normalized after the product: one division per output element instead of per score
+    out = (jnp.einsum("bqs,bsd->bqd", e, v, preferred_element_type=jnp.float32) / denom).astype(v.dtype)
+    return out, (qt, k, v, e, denom, out)
+
+
+def _attend_bwd(res, g):
+    """The softmax-attention gradient in closed form (as in FlashAttention's backward): with P the probabilities
+    and O = P V, dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)) / sqrt(Dh), dQ = dS K, dK = dS^T Q. One pass
+    over the scores instead of autodiff's several (exp, sum, divide, their transposes). No mask cotangent."""
+    qt, k, v, e, denom, out = res
+    scale = qt.shape[-1] ** -0.5
+    f32 = jnp.float32
+    p = e.astype(f32) / denom
+    dp = jnp.einsum("bqd,bsd->bqs", g, v, preferred_element_type=f32)
+    delta = (g.astype(f32) * out.astype(f32)).sum(-1, keepdims=True)
+    ds = (p * (dp - delta) * scale).astype(qt.dtype)
+    ds, p = _cpu_barrier((ds, p))
+    dq = jnp.einsum("bqs,bsd->bqd", ds, k, preferred_element_type=f32).astype(qt.dtype)
+    dk = jnp.einsum("bqs,bqd->bsd", ds, qt, preferred_element_type=f32).astype(k.dtype)
+    dv = jnp.einsum("bqs,bqd->bsd", p.astype(v.dtype), g.astype(v.dtype), preferred_element_type=f32).astype(v.dtype)
+    return dq, dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def segment_mask(q_seg, k_seg, q_start: int = 0):
