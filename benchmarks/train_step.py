@@ -38,6 +38,16 @@ def model_flops_per_token(cfg: LlamaConfig, seq: int) -> float:
     return 6.0 * dense + 6.0 * L * seq * hq
 
 
+def best_rate(run, work: float, trials: int) -> float:
+    """The best of ``trials`` timings of ``run()`` (which returns once its work is done), as ``work`` per second."""
+    best = 0.0
+    for _ in range(trials):
+        t = time.perf_counter()
+        run()
+        best = max(best, work / (time.perf_counter() - t))
+    return best
+
+
 def matmul_ceiling(dtype, n=None, reps=5, trials=3) -> float:
     """Best-of-`trials` FLOP/s of a square matmul (the machine's practical peak for this dtype)."""
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)  # big enough to saturate an H100
@@ -45,14 +55,13 @@ def matmul_ceiling(dtype, n=None, reps=5, trials=3) -> float:
     b = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a, b: a @ b)
     f(a, b).block_until_ready()
-    best = 0.0
-    for _ in range(trials):
-        t = time.perf_counter()
+
+    def run():
         for _ in range(reps):
             out = f(a, b)
         out.block_until_ready()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
-    return best
+
+    return best_rate(run, 2 * n**3 * reps, trials)
 
 
 def bench_ours(cfg, batch, seq, steps, dtype, trials=1):
@@ -76,14 +85,14 @@ def bench_ours(cfg, batch, seq, steps, dtype, trials=1):
     compile_s = time.perf_counter() - t
     state, m = step(state, b)
     jax.block_until_ready(m)
-    best = 0.0
-    for _ in range(trials):
-        t = time.perf_counter()
+
+    def run():
+        nonlocal state, m
         for _ in range(steps):
             state, m = step(state, b)
         jax.block_until_ready(m)
-        best = max(best, batch * seq * steps / (time.perf_counter() - t))
-    return best, compile_s
+
+    return best_rate(run, batch * seq * steps, trials), compile_s
 
 
 def bench_hf(cfg, batch, seq, steps, trials=1):
@@ -114,13 +123,7 @@ def bench_hf(cfg, batch, seq, steps, trials=1):
         opt.step()
 
     one()
-    best = 0.0
-    for _ in range(trials):
-        t = time.perf_counter()
-        for _ in range(steps):
-            one()
-        best = max(best, batch * seq * steps / (time.perf_counter() - t))
-    return best
+    return best_rate(lambda: [one() for _ in range(steps)], batch * seq * steps, trials)
 
 
 def main():

@@ -145,7 +145,7 @@ def test_cpu_dense_gradient_equals_autodiff_of_the_plain_product(monkeypatch):
     from ra3_jax.model import llama
 
     assert jax.default_backend() == "cpu"
-    cfg, p, toks, pos = _model_and_batch(11, 10)
+    cfg, _, toks, pos = _model_and_batch(11, 10)
 
     def grads(c):
         pc = init_params(c, jax.random.key(11))
