@@ -150,9 +150,9 @@ def _hf_worker(conn, cfg, batch, seq, steps):
 
 
 class HFProcess:
-    """HF's train step in a process of its own, run on request. In one process with ours, each side slowed the
-    other: after a few HF steps our step's page faults cost ~4x the system time (1.5 -> 6.3 s per SmolLM2-shape
-    step, the same fault count), the 2-core VM's torch and XLA thread pools in one address space."""
+    """HF's train step in a process of its own, run on request: torch's thread pool and allocator state stay out
+    of ours. (That alone did not stop HF's steps from slowing ours right after them: ``interleaved_best``'s
+    untimed run does.)"""
 
     def __init__(self, cfg, batch, seq, steps):
         ctx = multiprocessing.get_context("spawn")
@@ -196,6 +196,9 @@ def main():
     ap.add_argument("--attention", default="xla,blocked", help="comma-separated implementations (model/attention.py)")
     ap.add_argument("--attention-block", type=int, default=128)
     args = ap.parse_args()
+    modes = args.layers.split(",")
+    if bad := [m for m in modes if m not in ("scan", "loop")]:
+        raise SystemExit(f"--layers: {', '.join(map(repr, bad))} not scan or loop")
     p = dict(PRESETS[args.preset])
     batch, seq, tie = p.pop("batch"), p.pop("seq"), p.pop("tie_embeddings", False)
     cfg = LlamaConfig(
@@ -223,11 +226,8 @@ def main():
         "attention": {},
     }
     runs, compile_s = {}, {}
-    modes = args.layers.split(",")
     for impl in args.attention.split(","):
         for mode in modes:
-            if mode not in ("scan", "loop"):
-                raise SystemExit(f"--layers: {mode!r} is not scan or loop")
             c = cfg.replace(attention=impl, attention_block=args.attention_block, scan_layers=mode == "scan")
             name = impl if len(modes) == 1 else f"{impl}+{mode}"
             run, work, compile_s[name] = make_ours(c, batch, seq, args.steps)
