@@ -56,11 +56,12 @@ def best_rate(run, work: float, trials: int) -> float:
 
 
 def matmul_ceiling(dtype, n=None, reps=5, trials=3) -> float:
-    """Best-of-`trials` FLOP/s of a square matmul (the machine's practical peak for this dtype)."""
+    """Best-of-`trials` FLOP/s of a square matmul (the machine's practical peak for this dtype), accumulated in
+    float32 as the model's products are (a bfloat16 dot returning bfloat16 runs ~6x slower on an AMX CPU)."""
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)  # big enough to saturate an H100
     a = jnp.ones((n, n), dtype)
     b = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a, b: a @ b)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     f(a, b).block_until_ready()
 
     def run():
@@ -110,7 +111,8 @@ def bench_ours(cfg, batch, seq, steps, dtype, trials=1):
 
 
 def make_hf(cfg, batch, seq, steps):
-    """(run, tokens per run) of HF transformers' LlamaForCausalLM train step (eager attention, AdamW)."""
+    """(run, tokens per run) of HF transformers' LlamaForCausalLM train step (eager attention, AdamW). With a
+    bfloat16 ``cfg.compute_dtype``: torch's mixed precision (f32 weights, the forward under ``torch.autocast``)."""
     import torch
     import transformers
 
@@ -130,9 +132,12 @@ def make_hf(cfg, batch, seq, steps):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     toks = torch.randint(0, cfg.vocab_size, (batch, seq))
 
+    bf16 = jnp.dtype(cfg.compute_dtype) == jnp.bfloat16
+
     def one():
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=toks, labels=toks).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=toks, labels=toks).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

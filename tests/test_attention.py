@@ -174,3 +174,22 @@ def test_decode_reads_a_bucketed_cache_length_with_the_same_result():
     real = seg[:, -1] != 0
     for a, b in zip(out[1], out[4]):
         np.testing.assert_allclose(np.asarray(a)[real], np.asarray(b)[real], atol=1e-5)
+
+
+def test_blocked_bfloat16_gradient_is_close_to_float32_reference():
+    """The blocked attention's own VJP (dK/dV summed over query blocks in float32, rounded once; dS^T and P^T as
+    row-major copies) in bfloat16 stays within bfloat16 rounding of the float32 reference gradient."""
+    q, k, v = _inputs(3)
+    seg = jnp.asarray(SEGMENTS)
+    w = jax.random.normal(jax.random.key(4), (B, T, K, G, DH)) * jnp.asarray(REAL, jnp.float32)[:, :, None, None, None]
+
+    def grads(impl, dtype):
+        f = lambda q, k, v: (self_attention(q, k, v, seg, impl=impl, block=16).astype(jnp.float32) * w).sum()
+        return jax.grad(f, argnums=(0, 1, 2))(*(x.astype(dtype) for x in (q, k, v)))
+
+    ref = grads("xla", jnp.float32)
+    for a, b in zip(grads("blocked", jnp.bfloat16), ref):
+        assert a.dtype == jnp.bfloat16
+        a, b = np.asarray(a, np.float32), np.asarray(b)
+        np.testing.assert_allclose(a, b, atol=3e-2 * np.abs(b).max())
+        assert np.abs(b).max() > 0.1

@@ -1,5 +1,7 @@
 """Model numerics against HF transformers (CPU torch) on the same weights, and internal invariants."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,6 +162,7 @@ def test_cpu_dense_gradient_equals_autodiff_of_the_plain_product(monkeypatch):
     ours = [grads(c) for c in variants]
     with monkeypatch.context() as m:
         m.setattr(llama, "matmul", lambda x, w: x @ w)
+        m.setattr(llama, "matmul_t", lambda x, w: x @ w.T)
         plain = [grads(c) for c in variants]
     for c, (v, g), (v_ref, g_ref) in zip(variants, ours, plain):
         tol = 2e-2 if c.compute_dtype == "bfloat16" else 1e-5
@@ -167,3 +170,39 @@ def test_cpu_dense_gradient_equals_autodiff_of_the_plain_product(monkeypatch):
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
             assert a.dtype == b.dtype
             np.testing.assert_allclose(a, b, atol=tol * max(1.0, float(jnp.abs(b).max())), rtol=tol)
+
+
+def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in compiled HLO text, each operand's type read from its definition
+    in the same computation (an instruction or a parameter of the computation's signature)."""
+    out = []
+    for comp in re.split(r"\n(?=\S)", hlo):  # one computation per top-level block
+        header = comp.split("\n", 1)[0]
+        for m in re.finditer(r"dot\(%([\w.\-]+), %([\w.\-]+)\)", comp):
+            types = []
+            for name in m.groups():
+                d = re.search(rf"%{re.escape(name)} = (\w+)\[", comp) or re.search(rf"\b{re.escape(name)}: (\w+)\[", header)
+                types.append(d.group(1) if d else "?")
+            out.append(tuple(types))
+    return out
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_cpu_bfloat16_step_keeps_every_dot_in_bfloat16(scan):
+    """In bfloat16 compute on the CPU, every matmul of the forward and backward -- dense layers, the blocked
+    attention's scores and values, the LM head -- takes bfloat16 operands. A dot XLA:CPU's YNNPACK kernels cannot
+    take in bfloat16 (one returning bfloat16, or one whose left operand is contracted on its leading axis: dW =
+    x^T g, dK = dS^T Q) is converted to float32 and runs ~4x slower on an AMX CPU (model/llama.py ``_dot_f32``,
+    model/attention.py ``transposed_copy``)."""
+    assert jax.default_backend() == "cpu"
+    cfg = _tiny().replace(compute_dtype="bfloat16", attention="blocked", attention_block=16, scan_layers=scan)
+    T = 48  # three attention blocks
+    p = init_params(cfg, jax.random.key(3))
+    toks = jax.random.randint(jax.random.key(4), (2, T), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+    loss = lambda q: (forward(q, toks, pos, cfg)[0] ** 2).mean()
+    hlo = jax.jit(jax.grad(loss)).lower(p).compile().as_text()
+    dots = _dot_operand_types(hlo)
+    n_dense = 7 * (1 if scan else cfg.n_layers) + 1  # q, k, v, o, gate, up, down per layer (once: scan body); head
+    assert len(dots) >= 3 * n_dense  # forward, dX and dW of each (attention's dots come on top)
+    assert all(t == ("bf16", "bf16") for t in dots), sorted(set(dots))

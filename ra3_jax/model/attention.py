@@ -30,6 +30,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 AttentionImpl = Literal["auto", "xla", "blocked", "pallas"]
 NEG_INF = -1e30
@@ -53,6 +54,19 @@ def _cpu_barrier(x):
     """On the CPU, keep XLA from fusing these softmax intermediates into the matmul that reads them (its fused
     softmax + matmul kernel measured slower than the two apart); elsewhere the identity."""
     return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+
+
+def transposed_copy(x):
+    """x with its last two axes swapped, on the CPU as a row-major copy. A dot contracting its left operand's
+    leading (non-minor) axis -- x^T g for a weight gradient -- is not taken by XLA:CPU's YNNPACK kernels; a plain
+    transpose gets folded back into the dot (layout assignment makes it a bitcast), and the dot runs in Eigen:
+    in float32 ~2.4x slower at the LM-head shape on an AVX2 Xeon, in bfloat16 converted to float32 first (~200
+    against ~1,000 GFLOP/s on an AMX Xeon). The layout constraint makes the copy real. Elsewhere a transpose."""
+    perm = (*range(x.ndim - 2), x.ndim - 1, x.ndim - 2)
+    xt = x.transpose(perm)
+    if jax.default_backend() != "cpu":
+        return xt
+    return with_layout_constraint(xt, Layout(major_to_minor=tuple(range(x.ndim))))
 
 
 def _exp_scores(qt, k, mask):
@@ -80,10 +94,11 @@ def _attend_fwd(qt, k, v, mask):
     return out, (qt, k, v, e, denom, out)
 
 
-def _attend_bwd(res, g):
+def _attend_grads(res, g):
     """The softmax-attention gradient in closed form (as in FlashAttention's backward): with P the probabilities
     and O = P V, dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)) / sqrt(Dh), dQ = dS K, dK = dS^T Q. One pass
-    over the scores instead of autodiff's several (exp, sum, divide, their transposes). No mask cotangent."""
+    over the scores instead of autodiff's several (exp, sum, divide, their transposes). -> (dQ in q's dtype, dK and
+    dV in float32: the blocked attention sums them over query blocks before rounding)."""
     qt, k, v, e, denom, out = res
     scale = qt.shape[-1] ** -0.5
     f32 = jnp.float32
@@ -93,9 +108,25 @@ def _attend_bwd(res, g):
     ds = (p * (dp - delta) * scale).astype(qt.dtype)
     ds, p = _cpu_barrier((ds, p))
     dq = jnp.einsum("bqs,bsd->bqd", ds, k, preferred_element_type=f32).astype(qt.dtype)
-    dk = jnp.einsum("bqs,bqd->bsd", ds, qt, preferred_element_type=f32).astype(k.dtype)
-    dv = jnp.einsum("bqs,bqd->bsd", p.astype(v.dtype), g.astype(v.dtype), preferred_element_type=f32).astype(v.dtype)
-    return dq, dk, dv, None
+    # dK = dS^T Q and dV = P^T dO contract the query axis, the leading one of dS and P. In bfloat16 on the CPU,
+    # XLA folds a transpose into such a dot and runs it in Eigen with both sides converted to float32 (76 vs 195
+    # GFLOP/s at [32, 128, 512] x [32, 128, 64] on an AMX Xeon), so it gets row-major copies of dS^T and P^T
+    # (``transposed_copy``). In float32 the Eigen dot is the faster one (the copies measured -1 to -2%).
+    pv = p.astype(v.dtype)
+    gv = g.astype(v.dtype)
+    if qt.dtype == jnp.bfloat16:
+        dk = jnp.einsum("bsq,bqd->bsd", transposed_copy(ds), qt, preferred_element_type=f32)
+        dv = jnp.einsum("bsq,bqd->bsd", transposed_copy(pv), gv, preferred_element_type=f32)
+    else:
+        dk = jnp.einsum("bqs,bqd->bsd", ds, qt, preferred_element_type=f32)
+        dv = jnp.einsum("bqs,bqd->bsd", pv, gv, preferred_element_type=f32)
+    return dq, dk, dv
+
+
+def _attend_bwd(res, g):
+    dq, dk, dv = _attend_grads(res, g)
+    k, v = res[1], res[2]
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None  # no mask cotangent
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -147,13 +178,55 @@ def self_attention(q, k, v, segment_ids, *, impl: str = "auto", block: int = 128
     raise ValueError(f"attention implementation {impl!r} is not one of auto, xla, blocked, pallas")
 
 
+def _block_inputs(q, k, v, segment_ids, block: int, i: int):
+    """Query block i's ([B*K, G*block, Dh] queries, [B*K, hi, Dh] keys and values up to its end, mask)."""
+    B, T, K, G, Dh = q.shape
+    lo, hi = i * block, (i + 1) * block
+    qt = q[:, lo:hi].transpose(0, 2, 3, 1, 4).reshape(B * K, G * block, Dh)
+    mask = segment_mask(segment_ids[:, lo:hi], segment_ids[:, :hi], q_start=lo)
+    return qt, k[:, :, :hi].reshape(B * K, hi, Dh), v[:, :, :hi].reshape(B * K, hi, Dh), mask
+
+
 def _blocked(q, k, v, segment_ids, block: int):
-    outs = []
-    for i in range(q.shape[1] // block):
-        lo, hi = i * block, (i + 1) * block
-        mask = segment_mask(segment_ids[:, lo:hi], segment_ids[:, :hi], q_start=lo)
-        outs.append(dense(q[:, lo:hi], k[:, :, :hi], v[:, :, :hi], mask))
-    return jnp.concatenate(outs, axis=1)
+    return _blocked_fwd(q, k, v, segment_ids, block)[0]
+
+
+def _blocked_fwd(q, k, v, segment_ids, block: int):
+    B, T, K, G, Dh = q.shape
+    outs, saved = [], []
+    for i in range(T // block):
+        out, (_, _, _, e, denom, o) = _attend_fwd(*_block_inputs(q, k, v, segment_ids, block, i))
+        outs.append(out.reshape(B, K, G, block, Dh).transpose(0, 3, 1, 2, 4))
+        saved.append((e, denom, o))
+    return jnp.concatenate(outs, axis=1), (q, k, v, segment_ids, saved)
+
+
+def _blocked_bwd(block: int, res, g):
+    """Each query block's closed-form gradient (``_attend_grads``); the key and value gradients are summed over
+    the query blocks per key block in float32 and rounded once (autodiff through the per-block slices padded
+    every block's dK/dV to the full length and added them in the inputs' dtype: in bfloat16 on the CPU a
+    convert chain per add that cost ~15% of the train step)."""
+    q, k, v, segment_ids, saved = res
+    B, T, K, G, Dh = q.shape
+    n = T // block
+    dqs, dk_parts, dv_parts = [], [[] for _ in range(n)], [[] for _ in range(n)]
+    for i in range(n):
+        qt, ki, vi, _ = _block_inputs(q, k, v, segment_ids, block, i)
+        gi = g[:, i * block : (i + 1) * block].transpose(0, 2, 3, 1, 4).reshape(B * K, G * block, Dh)
+        dq, dk, dv = _attend_grads((qt, ki, vi, *saved[i]), gi)
+        dqs.append(dq.reshape(B, K, G, block, Dh).transpose(0, 3, 1, 2, 4))
+        for j in range(i + 1):
+            dk_parts[j].append(dk[:, j * block : (j + 1) * block])
+            dv_parts[j].append(dv[:, j * block : (j + 1) * block])
+
+    def total(parts, like):
+        return jnp.concatenate([sum(p[1:], p[0]) for p in parts], axis=1).reshape(like.shape).astype(like.dtype)
+
+    return jnp.concatenate(dqs, axis=1), total(dk_parts, k), total(dv_parts, v), None
+
+
+_blocked = jax.custom_vjp(_blocked, nondiff_argnums=(4,))
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def _pallas(q, k, v, segment_ids, block: int):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ra3_jax.errors import InputError
-from ra3_jax.model.llama import KVCache, LlamaConfig, forward, matmul, output_weight, prefill_cache, prefix_layout
+from ra3_jax.model.llama import KVCache, LlamaConfig, apply_head, forward, head_weight, prefill_cache, prefix_layout
 
 
 def prefix_cache(
@@ -91,10 +91,10 @@ def scored_logprobs(params, hidden, targets, scored, cfg: LlamaConfig, *, chunk:
     safe = jnp.minimum(idx, N - 1)
     h = jnp.take(hidden.reshape(N, D), safe, axis=0).reshape(n_chunks, chunk, D)
     tgt = jnp.take(targets.reshape(N), safe, axis=0).reshape(n_chunks, chunk)
-    w = output_weight(params, cfg).astype(cfg.dtype)  # [D, V]
+    w = head_weight(params, cfg)
 
     def head(h_c, t_c):  # [chunk, D], [chunk] -> [chunk] float32
-        logits = matmul(h_c, w).astype(jnp.float32)  # the same rounding as forward's logits
+        logits = apply_head(h_c, w, cfg).astype(jnp.float32)  # the same rounding as forward's logits
         tgt_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
         return tgt_logit - jax.nn.logsumexp(logits, axis=-1)
 
