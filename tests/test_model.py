@@ -142,7 +142,7 @@ def test_bfloat16_compute_is_close_to_float32():
 
 def test_cpu_dense_gradient_equals_autodiff_of_the_plain_product(monkeypatch):
     """On the CPU the dense layers' weight gradient comes from a custom VJP (an explicit transposed copy of the
-    input, model/llama.py ``_matmul_cpu``); the whole model's loss gradient equals autodiff of the plain
+    input, model/matmul.py ``_matmul_cpu``); the whole model's loss gradient equals autodiff of the plain
     ``x @ w`` (tied and untied heads, remat, bfloat16 compute: every gradient keeps its parameter's dtype)."""
     from ra3_jax.model import llama
 
@@ -192,8 +192,8 @@ def test_cpu_bfloat16_step_keeps_every_dot_in_bfloat16(scan):
     """In bfloat16 compute on the CPU, every matmul of the forward and backward -- dense layers, the blocked
     attention's scores and values, the LM head -- takes bfloat16 operands. A dot XLA:CPU's YNNPACK kernels cannot
     take in bfloat16 (one returning bfloat16, or one whose left operand is contracted on its leading axis: dW =
-    x^T g, dK = dS^T Q) is converted to float32 and runs ~4x slower on an AMX CPU (model/llama.py ``_dot_f32``,
-    model/attention.py ``transposed_copy``)."""
+    x^T g, dK = dS^T Q) is converted to float32 and runs ~4x slower on an AMX CPU (model/matmul.py ``_dot_f32``
+    and ``transposed_copy``)."""
     assert jax.default_backend() == "cpu"
     cfg = _tiny().replace(compute_dtype="bfloat16", attention="blocked", attention_block=16, scan_layers=scan)
     T = 48  # three attention blocks

@@ -30,7 +30,8 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.layout import Layout, with_layout_constraint
+
+from ra3_jax.model.matmul import transposed_copy
 
 AttentionImpl = Literal["auto", "xla", "blocked", "pallas"]
 NEG_INF = -1e30
@@ -54,19 +55,6 @@ def _cpu_barrier(x):
     """On the CPU, keep XLA from fusing these softmax intermediates into the matmul that reads them (its fused
     softmax + matmul kernel measured slower than the two apart); elsewhere the identity."""
     return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
-
-
-def transposed_copy(x):
-    """x with its last two axes swapped, on the CPU as a row-major copy. A dot contracting its left operand's
-    leading (non-minor) axis -- x^T g for a weight gradient -- is not taken by XLA:CPU's YNNPACK kernels; a plain
-    transpose gets folded back into the dot (layout assignment makes it a bitcast), and the dot runs in Eigen:
-    in float32 ~2.4x slower at the LM-head shape on an AVX2 Xeon, in bfloat16 converted to float32 first (~200
-    against ~1,000 GFLOP/s on an AMX Xeon). The layout constraint makes the copy real. Elsewhere a transpose."""
-    perm = (*range(x.ndim - 2), x.ndim - 1, x.ndim - 2)
-    xt = x.transpose(perm)
-    if jax.default_backend() != "cpu":
-        return xt
-    return with_layout_constraint(xt, Layout(major_to_minor=tuple(range(x.ndim))))
 
 
 def _exp_scores(qt, k, mask):

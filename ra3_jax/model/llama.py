@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from ra3_jax.errors import InputError
-from ra3_jax.model.attention import NEG_INF, AttentionImpl, dense, self_attention, transposed_copy
+from ra3_jax.model.attention import NEG_INF, AttentionImpl, dense, self_attention
+from ra3_jax.model.matmul import matmul, matmul_t
 
 RopeLayout = Literal["half", "interleaved"]
 DType = Literal["float32", "bfloat16"]
@@ -138,69 +139,6 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array, layout: str) -> jax
     else:
         raise InputError(f"unknown rope_layout {layout!r}")
     return out.astype(dtype)
-
-
-def _dot_f32(a, b, contract=(1, 0)):
-    """a @ b (or, with ``contract=(1, 1)``, a @ b.T without a transpose op), accumulated and returned in float32.
-    XLA:CPU runs a bfloat16 dot that returns bfloat16 on a slow path (~230 GFLOP/s on an AMX Xeon against
-    ~1,000-1,400 for the same dot returning float32: AMX tiles), so the CPU's dense-layer products ask for float32
-    and round afterwards."""
-    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
-
-
-@jax.custom_vjp
-def _matmul_cpu(x, w):
-    return _dot_f32(x, w).astype(x.dtype)
-
-
-def _matmul_cpu_fwd(x, w):
-    return _matmul_cpu(x, w), (x, w)
-
-
-def _matmul_cpu_bwd(res, g):
-    x, w = res
-    # dX = g w^T as one dot (no transpose op); dW = x^T g from a row-major copy of x^T (``transposed_copy``: the
-    # copy is the size of x; the dot that reads it runs on YNNPACK instead of Eigen). Measured on an AMX Xeon,
-    # issue #2 shape, layers in a Python loop: bfloat16 860 -> 1,419 tokens/s; float32 unchanged (875 vs 883).
-    return _dot_f32(g, w, contract=(1, 1)).astype(x.dtype), _dot_f32(transposed_copy(x), g).astype(w.dtype)
-
-
-_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
-
-
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [N, D] @ w [D, F] for the dense layers, in x's dtype. On the CPU it accumulates in float32 (``_dot_f32``)
-    and its gradient computes dW as a row-major matmul (``_matmul_cpu_bwd``); elsewhere it is the plain product
-    (autodiff's transposed dot is the fast one there, and GPU/TPU bfloat16 dots accumulate in float32 anyway)."""
-    if jax.default_backend() == "cpu":
-        return _matmul_cpu(x, w)
-    return x @ w
-
-
-@jax.custom_vjp
-def _matmul_t_cpu(x, w):
-    return _dot_f32(x, w, contract=(1, 1)).astype(x.dtype)
-
-
-def _matmul_t_cpu_fwd(x, w):
-    return _matmul_t_cpu(x, w), (x, w)
-
-
-def _matmul_t_cpu_bwd(res, g):
-    x, w = res
-    return _dot_f32(g, w).astype(x.dtype), _dot_f32(transposed_copy(g), x).astype(w.dtype)
-
-
-_matmul_t_cpu.defvjp(_matmul_t_cpu_fwd, _matmul_t_cpu_bwd)
-
-
-def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [N, D] @ w.T for w [F, D] (the tied LM head: the embedding [V, D]), in x's dtype; on the CPU as one dot
-    contracting both minor axes (``x @ w.T`` hands XLA:CPU a column-major right operand, which in bfloat16 it
-    converts to float32 first) with the gradient computed the way ``matmul``'s is."""
-    if jax.default_backend() == "cpu":
-        return _matmul_t_cpu(x, w)
-    return x @ w.T
 
 
 def head_weight(params, cfg: LlamaConfig) -> jax.Array:
