@@ -23,7 +23,7 @@ import numpy as np
 
 from ra3_jax.distributed import fetch
 from ra3_jax.errors import InputError
-from ra3_jax.model.llama import KVCache, LlamaConfig, forward, output_weight, prefill_cache
+from ra3_jax.model.llama import KVCache, LlamaConfig, apply_head, forward, head_weight, prefill_cache
 from ra3_jax.sampling import Greedy, SamplingMethod, Temperature, sampling_method  # noqa: F401  (re-exported)
 from ra3_jax.stop_strings import advance_stops, build_stop_automata, token_byte_table, trim_at_stop
 
@@ -97,7 +97,7 @@ def prefill(
     G, N = num_samples, max_new_tokens
     hidden, cache = prefill_cache(params, prompt_tokens, prompt_lengths, cfg, cache_len=cache_len or (P + N))
     # the LM head on the last slot only (left padding: every row's last prompt token), never [B, P, V] logits
-    last = (hidden[:, -1, :] @ output_weight(params, cfg).astype(cfg.dtype)).astype(jnp.float32)
+    last = apply_head(hidden[:, -1, :], head_weight(params, cfg), cfg).astype(jnp.float32)  # as forward rounds
     rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731  prefill shared by the G samples of a prompt
     cache = cache.repeat(G)
     BG = B * G

@@ -9,6 +9,7 @@ import pytest
 
 from ra3_jax.model import KVCache, LlamaConfig, forward, init_params
 from ra3_jax.model.convert import _unpermute_rows, load_hf
+from ra3_jax.model.matmul import layout_copies, matmul, matmul_t
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -201,8 +202,27 @@ def test_cpu_bfloat16_step_keeps_every_dot_in_bfloat16(scan):
     toks = jax.random.randint(jax.random.key(4), (2, T), 0, cfg.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(T), (2, T))
     loss = lambda q: (forward(q, toks, pos, cfg)[0] ** 2).mean()
-    hlo = jax.jit(jax.grad(loss)).lower(p).compile().as_text()
+    with layout_copies(True):  # as with one device (the tests run 8 fake CPU devices)
+        hlo = jax.jit(jax.grad(loss)).lower(p).compile().as_text()
     dots = _dot_operand_types(hlo)
     n_dense = 7 * (1 if scan else cfg.n_layers) + 1  # q, k, v, o, gate, up, down per layer (once: scan body); head
     assert len(dots) >= 3 * n_dense  # forward, dX and dW of each (attention's dots come on top)
     assert all(t == ("bf16", "bf16") for t in dots), sorted(set(dots))
+
+
+def test_cpu_dense_gradient_under_a_mesh_gathers_nothing():
+    """With several devices the CPU products' transposed copies are optimization-barrier copies, not layout
+    constraints: XLA does not partition a layout constraint and would all-gather the token-sharded activations
+    onto every device for each weight gradient. The gradients match the plain product either way."""
+    assert jax.device_count() == 8
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (64, 24)), shard)
+    w = jax.random.normal(jax.random.key(1), (24, 40))
+    e = jax.random.normal(jax.random.key(2), (40, 24))
+    loss = lambda x, w, e: (matmul(x, w) ** 2).sum() + (matmul_t(x, e) ** 2).sum()
+    step = jax.jit(jax.grad(loss, argnums=(1, 2)))
+    assert "all-gather" not in step.lower(x, w, e).compile().as_text()
+    ref = jax.grad(lambda x, w, e: ((x @ w) ** 2).sum() + ((x @ e.T) ** 2).sum(), argnums=(1, 2))(x, w, e)
+    for a, b in zip(step(x, w, e), ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)

@@ -360,8 +360,3 @@ def prefill_cache(params, tokens, lengths, cfg: LlamaConfig, *, cache_len: int, 
     return forward(
         params, tokens, positions, cfg, segment_ids=valid.astype(jnp.int32), cache=cache, return_hidden=True, empty_cache=True
     )
-
-
-def output_weight(params, cfg: LlamaConfig) -> jax.Array:
-    """[D, V] output projection (the transposed embedding when tied)."""
-    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]

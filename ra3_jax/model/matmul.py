@@ -10,9 +10,39 @@ Tested: tests/test_model.py (gradients equal autodiff of the plain product; ever
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
+
+_layout_copies: bool | None = None  # None: on when the process has one device (``layout_copies``)
+
+
+@contextlib.contextmanager
+def layout_copies(enabled: bool):
+    """Force the layout-constrained copies on or off for what is traced inside (tests; the default is on when
+    the process has a single device: under a multi-device mesh the constraint is not partitioned, XLA gathers the
+    whole operand onto every device, and ``transposed_copy`` falls back to an optimization-barrier copy)."""
+    global _layout_copies
+    before, _layout_copies = _layout_copies, enabled
+    try:
+        yield
+    finally:
+        _layout_copies = before
+
+
+def _use_layout_copies() -> bool:
+    if jax.default_backend() != "cpu":
+        return False
+    return _layout_copies if _layout_copies is not None else jax.device_count() == 1
+
+
+def _row_major(x):
+    """x, constrained to a row-major layout on the CPU (see ``layout_copies``)."""
+    if not _use_layout_copies():
+        return x
+    return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
 
 
 def transposed_copy(x):
@@ -20,12 +50,12 @@ def transposed_copy(x):
     leading (non-minor) axis -- x^T g for a weight gradient -- is not taken by XLA:CPU's YNNPACK kernels; a plain
     transpose gets folded back into the dot (layout assignment makes it a bitcast), and the dot runs in Eigen:
     in float32 ~2.4x slower at the LM-head shape on an AVX2 Xeon, in bfloat16 converted to float32 first (~200
-    against ~1,000 GFLOP/s on an AMX Xeon). The layout constraint makes the copy real. Elsewhere a transpose."""
-    perm = (*range(x.ndim - 2), x.ndim - 1, x.ndim - 2)
-    xt = x.transpose(perm)
+    against ~1,000 GFLOP/s on an AMX Xeon). The layout constraint makes the copy real; with several devices an
+    optimization barrier stands in (``layout_copies``). Elsewhere (GPU, TPU) a transpose."""
+    xt = x.transpose((*range(x.ndim - 2), x.ndim - 1, x.ndim - 2))
     if jax.default_backend() != "cpu":
         return xt
-    return with_layout_constraint(xt, Layout(major_to_minor=tuple(range(x.ndim))))
+    return _row_major(xt) if _use_layout_copies() else jax.lax.optimization_barrier(xt)
 
 
 def _dot_f32(a, b, contract=(1, 0)):
@@ -49,7 +79,7 @@ def _matmul_cpu_bwd(res, g):
     x, w = res
     # dX = g w^T as one dot (no transpose op); dW = x^T g from a row-major copy of x^T (``transposed_copy``: the
     # copy is the size of x; the dot that reads it runs on YNNPACK instead of Eigen). Measured on an AMX Xeon,
-    # issue #2 shape, layers in a Python loop: bfloat16 860 -> 1,419 tokens/s; float32 unchanged (875 vs 883).
+    # issue #2 shape, layers in a Python loop: bfloat16 930 -> 1,419 tokens/s; float32 unchanged (875 vs 883).
     return _dot_f32(g, w, contract=(1, 1)).astype(x.dtype), _dot_f32(transposed_copy(x), g).astype(w.dtype)
 
 
@@ -61,6 +91,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     and its gradient computes dW as a row-major matmul (``_matmul_cpu_bwd``); elsewhere it is the plain product
     (autodiff's transposed dot is the fast one there, and GPU/TPU bfloat16 dots accumulate in float32 anyway)."""
     if jax.default_backend() == "cpu":
+        assert x.ndim == 2 and w.ndim == 2, (x.shape, w.shape)
         return _matmul_cpu(x, w)
     return x @ w
 
@@ -76,7 +107,10 @@ def _matmul_t_cpu_fwd(x, w):
 
 def _matmul_t_cpu_bwd(res, g):
     x, w = res
-    return _dot_f32(g, w).astype(x.dtype), _dot_f32(transposed_copy(g), x).astype(w.dtype)
+    # dW [V, D] = (x^T g)^T: the dot reads a copy of x^T (small) rather than of g^T (logits-sized) and writes a
+    # row-major [D, V], transposed once (SmolLM2 head in bf16: 113 vs 195 ms for the g^T form)
+    dw = _row_major(_dot_f32(transposed_copy(x), g)).T
+    return _dot_f32(g, w).astype(x.dtype), dw.astype(w.dtype)
 
 
 _matmul_t_cpu.defvjp(_matmul_t_cpu_fwd, _matmul_t_cpu_bwd)
@@ -87,5 +121,6 @@ def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
     contracting both minor axes (``x @ w.T`` hands XLA:CPU a column-major right operand, which in bfloat16 it
     converts to float32 first) with the gradient computed the way ``matmul``'s is."""
     if jax.default_backend() == "cpu":
+        assert x.ndim == 2 and w.ndim == 2, (x.shape, w.shape)
         return _matmul_t_cpu(x, w)
     return x @ w.T
