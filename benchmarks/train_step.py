@@ -1,7 +1,7 @@
 """Train-step throughput: ours vs HF transformers LlamaForCausalLM (eager, CPU torch), and MFU against a
 matmul ceiling measured in the same run. Shape (issue #2): d=512, 8 layers, vocab 16k, seq 512,
 2048 tokens/step, float32. Usage: python benchmarks/train_step.py [--steps 4] [--trials 3] [--scan-unroll 1]
-[--dtype float32|bfloat16] [--preset cpu|1b|smollm2] [--attention xla,blocked,pallas] [--attention-block 128]
+[--dtype float32|bfloat16] [--preset cpu|1b|smollm2] [--attention xla,blocked,pallas,splash] [--attention-block 128]
 [--layers scan,loop] (1b: a ~1B Llama for GPUs; smollm2: the embedded default's model and batch). Each
 attention implementation (model/attention.py) and layer mode is measured in the same run; ratios are against
 the first one (the XLA reference by default) and against HF eager (run in a process of its own). Each side's

@@ -1,5 +1,6 @@
 """Every attention implementation against the XLA reference and against a naive per-token loop: forward and
-gradient on packed segments with padding and GQA (the Pallas kernel in interpret mode on CPU)."""
+gradient on packed segments with padding and GQA (the Pallas kernels in interpret mode on CPU), on one device
+and per shard of a mesh."""
 
 import jax
 import jax.numpy as jnp
@@ -105,15 +106,70 @@ def test_resolution_by_platform_and_shape():
         resolve("blocked", 64, 0)
 
 
-def test_pallas_refuses_a_mesh_of_several_devices():
-    from ra3_jax.config import load_config
-    from ra3_jax.errors import RA3Error
-    from ra3_jax.train.context import make_run_mesh
+# splash needs tiles of 128: three of them here, with the same kinds of rows (packed, padded) and GQA
+T_SPLASH = 384
+SEG_SPLASH = np.array([[1] * 100 + [2] * 150 + [3] * 134, [1] * 300 + [0] * 84], np.int32)
 
-    n = jax.device_count()  # the tests' 8 fake CPU devices: the mesh spans them all
-    with pytest.raises(RA3Error, match=f"model.attention=pallas runs on one device, but this mesh has {n}"):
-        make_run_mesh(load_config(None, ["model.attention=pallas", "mesh.data=-1"]))
-    assert make_run_mesh(load_config(None, ["model.attention=xla", "mesh.data=-1"])).size == n
+
+def test_splash_matches_reference_forward_and_gradient():
+    """Splash (interpret mode) over 3 query and key tiles, so the skipped blocks above the diagonal and blocks
+    crossing a segment boundary both occur; forward and gradient equal the reference on real queries."""
+    assert resolve("splash", T_SPLASH, 128) == "splash" and resolve("splash", 64, 128) == "xla"
+    assert resolve("splash", 1024, 128) == "splash" and resolve("splash", 200, 128) == "xla"
+    seg, real = jnp.asarray(SEG_SPLASH), SEG_SPLASH != 0
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(ks[0], (B, T_SPLASH, K, G, DH))
+    k, v = (jax.random.normal(x, (B, K, T_SPLASH, DH)) for x in ks[1:3])
+    w = jax.random.normal(ks[3], q.shape) * jnp.asarray(real, jnp.float32)[:, :, None, None, None]
+    out = {i: self_attention(q, k, v, seg, impl=i) for i in ("xla", "splash")}
+    assert np.isfinite(np.asarray(out["splash"])).all()
+    np.testing.assert_allclose(np.asarray(out["splash"])[real], np.asarray(out["xla"])[real], atol=2e-5)
+    loss = lambda impl: lambda *a: (self_attention(*a, seg, impl=impl) * w).sum()
+    grads = {i: jax.grad(loss(i), argnums=(0, 1, 2))(q, k, v) for i in out}
+    for a, b in zip(grads["splash"], grads["xla"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
+    assert float(jnp.abs(grads["xla"][1]).max()) > 0.1
+
+
+def _collectives(hlo: str) -> dict:
+    names = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+    return {n: hlo.count(n + "(") + hlo.count(n + "-start(") for n in names if n + "(" in hlo or n + "-start(" in hlo}
+
+
+@pytest.mark.parametrize("impl,T_", [("pallas", T), ("splash", 256)])
+def test_kernels_run_per_shard_on_a_mesh(impl, T_):
+    """On 8 devices (data 2 x fsdp 2 x tensor 2), with the inputs sharded as the model's layers leave them (batch
+    over data and fsdp, kv heads over tensor), a kernel's gradient traced under ``traced_on`` equals the
+    single-device reference and compiles without a collective; the same function traced without the mesh (XLA
+    cannot partition a pallas_call) moves data between devices."""
+    from jax.sharding import NamedSharding
+
+    from ra3_jax.model.attention import traced_on
+    from ra3_jax.sharding import logical_to_spec, make_mesh
+
+    mesh = make_mesh(2, 2, 2)
+    Bm = 4
+    seg = np.ones((Bm, T_), np.int32)
+    seg[0, T_ // 3 :], seg[1, T_ // 2 :], seg[3, 5:] = 2, 0, 7
+    ks = jax.random.split(jax.random.key(4), 4)
+    q = jax.random.normal(ks[0], (Bm, T_, K, G, DH))
+    k, v = (jax.random.normal(x, (Bm, K, T_, DH)) for x in ks[1:3])
+    w = jax.random.normal(ks[3], q.shape) * jnp.asarray(seg != 0, jnp.float32)[:, :, None, None, None]
+    loss = lambda impl_: lambda q, k, v, s: (self_attention(q, k, v, s, impl=impl_, block=32) * w).sum()
+    g_ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v, jnp.asarray(seg))
+
+    shard = lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh))
+    q_s, kv_s = shard(("batch", None, "kv_heads", None, None), q), shard(("batch", "kv_heads", None, None), k)
+    seg_s = shard(("batch", None), seg)
+    args = (jax.device_put(q, q_s), jax.device_put(k, kv_s), jax.device_put(v, kv_s), jax.device_put(seg, seg_s))
+    assert tuple(q_s.spec) == (("data", "fsdp"), None, "tensor", None, None)
+    grad = jax.grad(loss(impl), argnums=(0, 1, 2))
+    sharded = jax.jit(traced_on(mesh, grad), out_shardings=(q_s, kv_s, kv_s))
+    for a, b in zip(sharded(*args), g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
+    assert _collectives(sharded.lower(*args).compile().as_text()) == {}
+    unsharded = jax.jit(grad, out_shardings=(q_s, kv_s, kv_s))
+    assert _collectives(unsharded.lower(*args).compile().as_text())  # the negative control
 
 
 def test_model_forward_is_the_same_with_every_implementation():

@@ -26,6 +26,7 @@ from ra3_jax.config import PolicySection, RunConfig
 from ra3_jax.data.pipeline import pad_rows
 from ra3_jax.distributed import put_global
 from ra3_jax.errors import TrainingError
+from ra3_jax.model.attention import traced_on
 from ra3_jax.model.llama import LlamaConfig, forward
 from ra3_jax.model.params import param_shardings
 from ra3_jax.objectives.ntp import token_logprobs
@@ -181,7 +182,8 @@ class GRPOTrainer:
             (p_shard if ref_params is not None else None,),
             mesh=ctx.mesh,
         )
-        self._old_logp = jax.jit(lambda p, b: token_logprobs(p, b, ctx.model_cfg), in_shardings=(p_shard, None))
+        old_logp = traced_on(ctx.mesh, lambda p, b: token_logprobs(p, b, ctx.model_cfg))
+        self._old_logp = jax.jit(old_logp, in_shardings=(p_shard, None))
 
     def _objective(self) -> Objective:
         p = self.pol

@@ -15,17 +15,29 @@ no real token attends to a pad key.
   only, so the fully masked key blocks above the diagonal are never computed (~(n + 1) / 2n of the score and
   value FLOPs for n blocks; the segment and pad masks still apply inside). Exact: each block is one softmax.
 - ``pallas`` (GPU): the Pallas (Triton) flash-attention kernel with segment ids and the causal mask; kv heads
-  repeated for GQA; one device (a pallas_call is not partitioned over a mesh: runs refuse a larger one,
-  train/context.py). On the CPU it runs in interpret mode (correctness tests only: slow); on a TPU it falls
-  back to ``xla``.
-- ``auto``: ``blocked`` on CPU, ``xla`` elsewhere (the flash kernel is opt-in until the GPU check has measured
-  it on the device; `benchmarks/train_step.py --attention` compares them).
-A shape an implementation cannot take (T not a multiple of its block; flash tiles not powers of two) falls back
-to ``xla`` (``resolve``).
+  repeated for GQA. On the CPU it runs in interpret mode (correctness tests only: slow); on a TPU it falls back to
+  ``xla``.
+- ``splash`` (TPU): JAX's Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu.splash_attention):
+  a causal mask whose fully masked blocks are skipped, segment ids, GQA without repeating kv heads (head h reads
+  kv head h // G); tiles of 512 (256, 128: the largest dividing T). On the CPU it runs in interpret mode (tests);
+  on a GPU it falls back to ``xla``.
+- ``auto``: ``blocked`` on CPU, ``xla`` elsewhere (the kernels are opt-in until the device checks have measured
+  them; `benchmarks/train_step.py --attention` compares them).
+A shape an implementation cannot take (T not a multiple of its block; flash tiles not powers of two; splash
+tiles not multiples of 128) falls back to ``xla`` (``resolve``).
+
+On a mesh the kernels run per shard: a pallas_call is not partitioned by XLA (it would gather its operands onto
+every device), so inside a function wrapped by ``traced_on(mesh, fn)`` -- every jitted step of the trainers is --
+they run under ``shard_map`` over the batch (data, fsdp) and kv-head (tensor) axes, with the layout the dense
+layers already give them (``sharding.LOGICAL_RULES``); tested on 8 devices against the reference, without a
+collective.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 from typing import Literal
 
 import jax
@@ -33,7 +45,8 @@ import jax.numpy as jnp
 
 from ra3_jax.model.matmul import transposed_copy
 
-AttentionImpl = Literal["auto", "xla", "blocked", "pallas"]
+AttentionImpl = Literal["auto", "xla", "blocked", "pallas", "splash"]
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "pallas", "splash")
 NEG_INF = -1e30
 
 
@@ -134,12 +147,20 @@ def flash_tiles(T: int, block: int) -> tuple[int, int]:
     return bq, min(bq, 64)
 
 
+def splash_tile(T: int) -> int | None:
+    """The splash kernel's query and key tile for T tokens: 512, 256 or 128, the largest dividing T (its key tile
+    must be a multiple of the TPU's 128 lanes); None when none does."""
+    return next((t for t in (512, 256, 128) if T % t == 0), None)
+
+
 def resolve(impl: str, T: int, block: int) -> str:
     """The implementation that runs for a sequence of T tokens (``auto`` by platform; fallbacks by shape and
-    platform: the flash kernel needs power-of-two tiles >= 16 that divide T and a GPU, or the CPU for tests
-    (interpret mode); elsewhere it is ``xla``)."""
+    platform: the flash kernel needs power-of-two tiles >= 16 that divide T and a GPU, the splash kernel a tile
+    (``splash_tile``) and a TPU; either runs on the CPU for tests (interpret mode); elsewhere it is ``xla``)."""
     if block < 1:
         raise ValueError(f"attention_block={block} must be >= 1")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     platform = jax.default_backend()
     if impl == "auto":
         impl = "blocked" if platform == "cpu" else "xla"
@@ -150,6 +171,8 @@ def resolve(impl: str, T: int, block: int) -> str:
         tiles_ok = bq >= 16 and bq & (bq - 1) == 0 and T % bq == 0 and T % bk == 0
         if not tiles_ok or platform not in ("gpu", "cpu"):
             return "xla"
+    if impl == "splash" and (splash_tile(T) is None or platform not in ("tpu", "cpu")):
+        return "xla"
     return impl
 
 
@@ -162,8 +185,51 @@ def self_attention(q, k, v, segment_ids, *, impl: str = "auto", block: int = 128
     if impl == "blocked":
         return _blocked(q, k, v, segment_ids, block)
     if impl == "pallas":
-        return _pallas(q, k, v, segment_ids, block)
-    raise ValueError(f"attention implementation {impl!r} is not one of auto, xla, blocked, pallas")
+        return _per_shard(functools.partial(_pallas, block=block), q, k, v, segment_ids)
+    return _per_shard(_splash, q, k, v, segment_ids)
+
+
+# ------------------------------------------------------------------------------------- kernels on a mesh
+_KERNEL_MESH: contextvars.ContextVar = contextvars.ContextVar("ra3_kernel_mesh", default=None)
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh):
+    """While tracing inside this context, the attention kernels run per shard of ``mesh`` (None: unsharded)."""
+    token = _KERNEL_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _KERNEL_MESH.reset(token)
+
+
+def traced_on(mesh, fn):
+    """``fn`` tracing under ``kernel_mesh(mesh)``: wrap a function before ``jax.jit`` with the mesh its inputs
+    are sharded over (the trainers' update, eval and scoring steps are)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with kernel_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _per_shard(kernel, q, k, v, segment_ids):
+    """``kernel(q, k, v, segment_ids)`` on each shard of the context's mesh: batch over (data, fsdp) and kv heads
+    over tensor where they divide (``sharding.logical_to_spec``; a kv head's G query heads stay together), the
+    sequence whole. Attention is independent per row and per kv head, so no collective is needed."""
+    mesh = _KERNEL_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return kernel(q, k, v, segment_ids)
+    from jax.sharding import PartitionSpec as P
+
+    from ra3_jax.sharding import logical_to_spec
+
+    q_spec = logical_to_spec(("batch", None, "kv_heads", None, None), q.shape, mesh)
+    kv_spec = logical_to_spec(("batch", "kv_heads", None, None), k.shape, mesh)
+    in_specs = (q_spec, kv_spec, kv_spec, P(q_spec[0], None))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
 
 
 def _block_inputs(q, k, v, segment_ids, block: int, i: int):
@@ -217,7 +283,7 @@ _blocked = jax.custom_vjp(_blocked, nondiff_argnums=(4,))
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def _pallas(q, k, v, segment_ids, block: int):
+def _pallas(q, k, v, segment_ids, *, block: int):
     from jax.experimental.pallas.ops.gpu import attention as flash
 
     B, T, K, G, Dh = q.shape
@@ -237,3 +303,35 @@ def _pallas(q, k, v, segment_ids, block: int):
         interpret=jax.default_backend() != "gpu",
     )
     return out.reshape(B, T, K, G, Dh)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, T: int, interpret: bool):
+    """The splash kernel for ``heads`` query heads of T tokens (its mask metadata is built on the host, once)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    t = splash_tile(T)
+    tiles = dict(block_q=t, block_kv=t, block_kv_compute=t, block_q_dkv=t, block_kv_dkv=t, block_kv_dkv_compute=t)
+    mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(heads)])
+    return sk.make_splash_mha(
+        mask,
+        block_sizes=sk.BlockSizes(**tiles, block_q_dq=t, block_kv_dq=t),
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+
+
+def _splash(q, k, v, segment_ids):
+    """Splash attention: [H, T, Dh] queries (head h = kv head * G + g, the kernel's GQA order) against the
+    [K, T, Dh] keys and values of each row; segment ids mask across documents (pad tokens, id 0, see only pad
+    keys); the kernel does not scale the scores, so q is scaled first."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    B, T, K, G, Dh = q.shape
+    kernel = _splash_kernel(K * G, T, jax.default_backend() != "tpu")
+    qh = (q * jnp.asarray(Dh**-0.5, q.dtype)).reshape(B, T, K * G, Dh).transpose(0, 2, 1, 3)
+    one_row = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1))
+    out = jax.vmap(one_row)(qh, k, v, segment_ids)  # [B, H, T, Dh]
+    return out.transpose(0, 2, 1, 3).reshape(B, T, K, G, Dh)

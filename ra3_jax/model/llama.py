@@ -48,7 +48,7 @@ class LlamaConfig:
     remat: Remat = "none"  # none | full | dots | dots_no_batch (per-layer checkpointing policy)
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per scan iteration (>1 trades compile time for fewer loop overheads)
-    attention: AttentionImpl = "auto"  # training attention (model/attention.py): auto | xla | blocked | pallas
+    attention: AttentionImpl = "auto"  # training attention (model/attention.py): auto|xla|blocked|pallas|splash
     attention_block: int = 128  # query block of the blocked and flash implementations
     decode_buckets: int = 4  # cached attention reads the first k/n of the cache slots when the rest are empty
 

@@ -29,13 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def make_run_mesh(cfg: RunConfig):
-    mesh = meshes.make_run_mesh(cfg.mesh)
-    if cfg.model.attention == "pallas" and mesh.size > 1:  # model/attention.py: a pallas_call is not partitioned
-        raise TrainingError(
-            f"model.attention=pallas runs on one device, but this mesh has {mesh.size}: use model.attention=xla "
-            "(or auto), or a one-device mesh (mesh.data=1)"
-        )
-    return mesh
+    return meshes.make_run_mesh(cfg.mesh)
 
 
 def resolve_tokenizer(cfg: RunConfig):

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh
 
 from ra3_jax import sharding
+from ra3_jax.model.attention import traced_on
 from ra3_jax.objectives.ntp import nll_sum
 from ra3_jax.train.state import TrainState
 
@@ -84,10 +85,11 @@ def update_step(state: TrainState, batch, *extra, objective: Objective, tx: opta
 
 
 def jit_update_step(objective: Objective, tx, micro_batches: int, state_sharding, batch_sharding, extra_shardings=(), *, mesh):
-    """``update_step`` jitted with explicit shardings; the state is donated."""
+    """``update_step`` jitted with explicit shardings (attention kernels per shard of ``mesh``); the state is
+    donated."""
     fn = functools.partial(update_step, objective=objective, tx=tx, micro_batches=micro_batches)
     return jax.jit(
-        fn,
+        traced_on(mesh, fn),
         in_shardings=(state_sharding, batch_sharding, *extra_shardings),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
@@ -124,5 +126,5 @@ def jit_train_step(model_cfg, tx, grad_accum: int, mesh: Mesh, state_sharding):
 
 
 def jit_eval_step(model_cfg, mesh: Mesh, params_sharding):
-    fn = functools.partial(eval_step, model_cfg=model_cfg)
+    fn = traced_on(mesh, functools.partial(eval_step, model_cfg=model_cfg))
     return jax.jit(fn, in_shardings=(params_sharding, batch_shardings(mesh)), out_shardings=sharding.replicated(mesh))

@@ -30,6 +30,7 @@ from ra3_jax.config import RunConfig
 from ra3_jax.data.documents import Document, encode_text, first_boundary, render, render_latent, scoring_rows, span_mask
 from ra3_jax.data.pipeline import pad_rows
 from ra3_jax.distributed import fetch, put_global
+from ra3_jax.model.attention import traced_on
 from ra3_jax.model.llama import LlamaConfig
 from ra3_jax.model.params import param_shardings
 from ra3_jax.objectives.continuation import continuation_logprobs, policy_logprobs, prefix_cache, repeat_cache
@@ -187,9 +188,10 @@ class LatentProposer:
         )
         self._update = jit_update_step(obj, self.tx, 1, self.st_shard, None, (p_shard,), mesh=mesh)
         self._score = jax.jit(
-            functools.partial(score_rows, cfg=model_cfg, G=self.G, chunk=self.r.logit_chunk), in_shardings=(p_shard, None)
+            traced_on(mesh, functools.partial(score_rows, cfg=model_cfg, G=self.G, chunk=self.r.logit_chunk)),
+            in_shardings=(p_shard, None),
         )
-        self._seq_lp = jax.jit(functools.partial(sequence_logprobs, cfg=model_cfg))
+        self._seq_lp = jax.jit(traced_on(mesh, functools.partial(sequence_logprobs, cfg=model_cfg)))
 
     # -- policy state
     def init_policy(self, params) -> TrainState:
