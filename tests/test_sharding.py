@@ -72,7 +72,10 @@ def test_kernel_attention_step_on_a_mesh_matches_the_reference(impl):
     """The Pallas kernels (interpret mode here) inside the sharded train step run per shard
     (model/attention.py ``traced_on``): one step on data 2 x fsdp 2 x tensor 2 equals the single-device step with
     the XLA reference attention."""
+    from ra3_jax.model.attention import resolve
+
     cfg = CFG.replace(attention=impl)
+    assert resolve(impl, 128, cfg.attention_block) == impl  # the kernel runs, not the fallback
     m, params, _ = _one_step(sharding.make_mesh(2, 2, 2), cfg, T=128)
     m0, p0, _ = _one_step(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), CFG.replace(attention="xla"), T=128)
     np.testing.assert_allclose(m["loss"], m0["loss"], rtol=LOSS_RTOL)

@@ -28,9 +28,9 @@ tiles not multiples of 128) falls back to ``xla`` (``resolve``).
 
 On a mesh the kernels run per shard: a pallas_call is not partitioned by XLA (it would gather its operands onto
 every device), so inside a function wrapped by ``traced_on(mesh, fn)`` -- every jitted step of the trainers is --
-they run under ``shard_map`` over the batch (data, fsdp) and kv-head (tensor) axes, with the layout the dense
-layers already give them (``sharding.LOGICAL_RULES``); tested on 8 devices against the reference, without a
-collective.
+they run under ``shard_map`` over the batch (data, fsdp) and kv-head (tensor; or query-group) axes, with the
+layout the dense layers already give them (``sharding.LOGICAL_RULES``); tested on 8 devices against the
+reference, without a collective where those sizes divide the mesh axes (``_per_shard``).
 """
 
 from __future__ import annotations
@@ -207,18 +207,22 @@ def traced_on(mesh, fn):
     """``fn`` tracing under ``kernel_mesh(mesh)``: wrap a function before ``jax.jit`` with the mesh its inputs
     are sharded over (the trainers' update, eval and scoring steps are)."""
 
-    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with kernel_mesh(mesh):
             return fn(*args, **kwargs)
 
+    inner = fn.func if isinstance(fn, functools.partial) else fn  # the jitted function keeps its name in profiles
+    wrapped.__name__ = wrapped.__qualname__ = getattr(inner, "__name__", "traced_on")
     return wrapped
 
 
 def _per_shard(kernel, q, k, v, segment_ids):
-    """``kernel(q, k, v, segment_ids)`` on each shard of the context's mesh: batch over (data, fsdp) and kv heads
-    over tensor where they divide (``sharding.logical_to_spec``; a kv head's G query heads stay together), the
-    sequence whole. Attention is independent per row and per kv head, so no collective is needed."""
+    """``kernel(q, k, v, segment_ids)`` on each shard of the context's mesh: rows over (data, fsdp) and kv heads
+    over tensor where they divide (``sharding.logical_to_spec``; a kv head's G query heads stay together), or,
+    when the kv heads do not divide it and the G query heads of each do, those (each shard: all kv heads, G / n
+    query heads of each), the sequence whole. Attention is independent per row and per head, so no collective is
+    needed; an axis that divides neither is left replicated (the kernel's work repeated on its devices, and the
+    gradient summed over them)."""
     mesh = _KERNEL_MESH.get()
     if mesh is None or mesh.size == 1:
         return kernel(q, k, v, segment_ids)
@@ -226,7 +230,11 @@ def _per_shard(kernel, q, k, v, segment_ids):
 
     from ra3_jax.sharding import logical_to_spec
 
-    q_spec = logical_to_spec(("batch", None, "kv_heads", None, None), q.shape, mesh)
+    K, G = q.shape[2], q.shape[3]
+    n = mesh.shape["tensor"]
+    by_group = n > 1 and K % n != 0 and G % n == 0
+    q_axes = ("batch", None, None, "q_heads", None) if by_group else ("batch", None, "kv_heads", None, None)
+    q_spec = logical_to_spec(q_axes, q.shape, mesh)
     kv_spec = logical_to_spec(("batch", "kv_heads", None, None), k.shape, mesh)
     in_specs = (q_spec, kv_spec, kv_spec, P(q_spec[0], None))
     return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
@@ -314,13 +322,16 @@ def _splash_kernel(heads: int, T: int, interpret: bool):
     t = splash_tile(T)
     tiles = dict(block_q=t, block_kv=t, block_kv_compute=t, block_q_dkv=t, block_kv_dkv=t, block_kv_dkv_compute=t)
     mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(heads)])
-    return sk.make_splash_mha(
-        mask,
-        block_sizes=sk.BlockSizes(**tiles, block_q_dq=t, block_kv_dq=t),
-        head_shards=1,
-        q_seq_shards=1,
-        interpret=interpret,
-    )
+    # built as constants even when first called inside a trace (it turns its numpy mask metadata into arrays,
+    # which a trace would make tracers of, and this cache would hand them to the next trace)
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(
+            mask,
+            block_sizes=sk.BlockSizes(**tiles, block_q_dq=t, block_kv_dq=t),
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=interpret,
+        )
 
 
 def _splash(q, k, v, segment_ids):
