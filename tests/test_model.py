@@ -143,8 +143,9 @@ def test_bfloat16_compute_is_close_to_float32():
 
 def test_cpu_dense_gradient_equals_autodiff_of_the_plain_product(monkeypatch):
     """On the CPU the dense layers' weight gradient comes from a custom VJP (an explicit transposed copy of the
-    input, model/matmul.py ``_matmul_cpu``); the whole model's loss gradient equals autodiff of the plain
-    ``x @ w`` (tied and untied heads, remat, bfloat16 compute: every gradient keeps its parameter's dtype)."""
+    input, model/matmul.py ``_matmul_cpu``), and so does the MLP's silu(gate) * up (``swiglu``); the whole model's
+    loss gradient equals autodiff of the plain ``x @ w`` and ``silu(gate) * up`` (tied and untied heads, remat,
+    bfloat16 compute: every gradient keeps its parameter's dtype)."""
     from ra3_jax.model import llama
 
     assert jax.default_backend() == "cpu"
@@ -164,6 +165,7 @@ def test_cpu_dense_gradient_equals_autodiff_of_the_plain_product(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(llama, "matmul", lambda x, w: x @ w)
         m.setattr(llama, "matmul_t", lambda x, w: x @ w.T)
+        m.setattr(llama, "swiglu", lambda gate, up: jax.nn.silu(gate) * up)
         plain = [grads(c) for c in variants]
     for c, (v, g), (v_ref, g_ref) in zip(variants, ours, plain):
         tol = 2e-2 if c.compute_dtype == "bfloat16" else 1e-5
@@ -188,13 +190,21 @@ def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
     return out
 
 
+def _updates_of_converted_buffers(hlo: str) -> list[str]:
+    """Dynamic-update-slices whose buffer is a convert: XLA:CPU's float normalization of a bfloat16 update (the
+    whole stacked buffer converted to float32 and back for every slice written)."""
+    converts = set(re.findall(r"(%[\w.\-]+) = f32\[[^\]]*\]\S* convert\(", hlo))
+    return [b for b in re.findall(r"dynamic-update-slice\((%[\w.\-]+)", hlo) if b in converts]
+
+
 @pytest.mark.parametrize("scan", [True, False])
 def test_cpu_bfloat16_step_keeps_every_dot_in_bfloat16(scan):
     """In bfloat16 compute on the CPU, every matmul of the forward and backward -- dense layers, the blocked
     attention's scores and values, the LM head -- takes bfloat16 operands. A dot XLA:CPU's YNNPACK kernels cannot
     take in bfloat16 (one returning bfloat16, or one whose left operand is contracted on its leading axis: dW =
     x^T g, dK = dS^T Q) is converted to float32 and runs ~4x slower on an AMX CPU (model/matmul.py ``_dot_f32``
-    and ``transposed_copy``)."""
+    and ``transposed_copy``). With the layers in a scan, the residuals the scan stacks are written in place: none
+    is a bfloat16 update normalized to float32 over the whole stacked buffer (``to_residual``)."""
     assert jax.default_backend() == "cpu"
     cfg = _tiny().replace(compute_dtype="bfloat16", attention="blocked", attention_block=16, scan_layers=scan)
     T = 48  # three attention blocks
@@ -208,6 +218,9 @@ def test_cpu_bfloat16_step_keeps_every_dot_in_bfloat16(scan):
     n_dense = 7 * (1 if scan else cfg.n_layers) + 1  # q, k, v, o, gate, up, down per layer (once: scan body); head
     assert len(dots) >= 3 * n_dense  # forward, dX and dW of each (attention's dots come on top)
     assert all(t == ("bf16", "bf16") for t in dots), sorted(set(dots))
+    if scan:
+        assert hlo.count("dynamic-update-slice(") >= 10  # the stacked residuals
+    assert _updates_of_converted_buffers(hlo) == []
 
 
 def test_cpu_dense_gradient_under_a_mesh_gathers_nothing():

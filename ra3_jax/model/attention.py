@@ -43,7 +43,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from ra3_jax.model.matmul import transposed_copy
+from ra3_jax.model.matmul import from_residual, to_residual, transposed_copy
 
 AttentionImpl = Literal["auto", "xla", "blocked", "pallas", "splash"]
 IMPLEMENTATIONS = ("auto", "xla", "blocked", "pallas", "splash")
@@ -92,7 +92,7 @@ def _attend_fwd(qt, k, v, mask):
     e = e.astype(v.dtype)
     # normalized after the product: one division per output element instead of per score
     out = (jnp.einsum("bqs,bsd->bqd", e, v, preferred_element_type=jnp.float32) / denom).astype(v.dtype)
-    return out, (qt, k, v, e, denom, out)
+    return out, tuple(map(to_residual, (qt, k, v, e, denom, out)))
 
 
 def _attend_grads(res, g):
@@ -100,7 +100,7 @@ def _attend_grads(res, g):
     and O = P V, dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)) / sqrt(Dh), dQ = dS K, dK = dS^T Q. One pass
     over the scores instead of autodiff's several (exp, sum, divide, their transposes). -> (dQ in q's dtype, dK and
     dV in float32: the blocked attention sums them over query blocks before rounding)."""
-    qt, k, v, e, denom, out = res
+    qt, k, v, e, denom, out = map(from_residual, res)
     scale = qt.shape[-1] ** -0.5
     f32 = jnp.float32
     p = e.astype(f32) / denom
@@ -126,7 +126,7 @@ def _attend_grads(res, g):
 
 def _attend_bwd(res, g):
     dq, dk, dv = _attend_grads(res, g)
-    k, v = res[1], res[2]
+    k, v = map(from_residual, res[1:3])
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None  # no mask cotangent
 
 
@@ -260,7 +260,7 @@ def _blocked_fwd(q, k, v, segment_ids, block: int):
         out, (_, _, _, e, denom, o) = _attend_fwd(*_block_inputs(q, k, v, segment_ids, block, i))
         outs.append(out.reshape(B, K, G, block, Dh).transpose(0, 3, 1, 2, 4))
         saved.append((e, denom, o))
-    return jnp.concatenate(outs, axis=1), (q, k, v, segment_ids, saved)
+    return jnp.concatenate(outs, axis=1), (*map(to_residual, (q, k, v)), segment_ids, saved)
 
 
 def _blocked_bwd(block: int, res, g):
@@ -269,6 +269,7 @@ def _blocked_bwd(block: int, res, g):
     every block's dK/dV to the full length and added them in the inputs' dtype: in bfloat16 on the CPU a
     convert chain per add that cost ~15% of the train step)."""
     q, k, v, segment_ids, saved = res
+    q, k, v = map(from_residual, (q, k, v))
     B, T, K, G, Dh = q.shape
     n = T // block
     dqs, dk_parts, dv_parts = [], [[] for _ in range(n)], [[] for _ in range(n)]

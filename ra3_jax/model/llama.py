@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from ra3_jax.errors import InputError
 from ra3_jax.model.attention import NEG_INF, AttentionImpl, dense, self_attention
-from ra3_jax.model.matmul import matmul, matmul_t
+from ra3_jax.model.matmul import matmul, matmul_t, swiglu
 
 RopeLayout = Literal["half", "interleaved"]
 DType = Literal["float32", "bfloat16"]
@@ -251,7 +251,7 @@ def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: in
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
         gate = matmul(h, lp["w_gate"].astype(dt))
         up = matmul(h, lp["w_up"].astype(dt))
-        x = x + matmul(jax.nn.silu(gate) * up, lp["w_down"].astype(dt))
+        x = x + matmul(swiglu(gate, up), lp["w_down"].astype(dt))
     return x, new_kv
 
 
