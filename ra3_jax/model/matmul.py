@@ -86,15 +86,18 @@ def from_residual(x):
 
 
 def _matmul_cpu_fwd(x, w):
-    return _matmul_cpu(x, w), (to_residual(x), to_residual(w))
+    # the residual is x^T, copied here (``transposed_copy``) rather than in the backward: there, with the layers in
+    # a scan, XLA fuses the transpose with the read of the stacked residual into a generic loop ~10x slower than
+    # its transpose kernel (issue #2 shape, bfloat16: ~200 of ~1,200 ms per step)
+    return _matmul_cpu(x, w), (to_residual(transposed_copy(x)), to_residual(w))
 
 
 def _matmul_cpu_bwd(res, g):
-    x, w = map(from_residual, res)
+    xt, w = map(from_residual, res)
     # dX = g w^T as one dot (no transpose op); dW = x^T g from a row-major copy of x^T (``transposed_copy``: the
     # copy is the size of x; the dot that reads it runs on YNNPACK instead of Eigen). Measured on an AMX Xeon,
     # issue #2 shape, layers in a Python loop: bfloat16 930 -> 1,419 tokens/s; float32 unchanged (875 vs 883).
-    return _dot_f32(g, w, contract=(1, 1)).astype(x.dtype), _dot_f32(transposed_copy(x), g).astype(w.dtype)
+    return _dot_f32(g, w, contract=(1, 1)).astype(xt.dtype), _dot_f32(xt, g).astype(w.dtype)
 
 
 _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
@@ -116,15 +119,15 @@ def _matmul_t_cpu(x, w):
 
 
 def _matmul_t_cpu_fwd(x, w):
-    return _matmul_t_cpu(x, w), (to_residual(x), to_residual(w))
+    return _matmul_t_cpu(x, w), (to_residual(transposed_copy(x)), to_residual(w))  # x^T as in ``_matmul_cpu_fwd``
 
 
 def _matmul_t_cpu_bwd(res, g):
-    x, w = map(from_residual, res)
+    xt, w = map(from_residual, res)
     # dW [V, D] = (x^T g)^T: the dot reads a copy of x^T (small) rather than of g^T (logits-sized) and writes a
     # row-major [D, V], transposed once (SmolLM2 head in bf16: 113 vs 195 ms for the g^T form)
-    dw = _row_major(_dot_f32(transposed_copy(x), g)).T
-    return _dot_f32(g, w).astype(x.dtype), dw.astype(w.dtype)
+    dw = _row_major(_dot_f32(xt, g)).T
+    return _dot_f32(g, w).astype(xt.dtype), dw.astype(w.dtype)
 
 
 _matmul_t_cpu.defvjp(_matmul_t_cpu_fwd, _matmul_t_cpu_bwd)
