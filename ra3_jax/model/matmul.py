@@ -51,7 +51,9 @@ def transposed_copy(x):
     transpose gets folded back into the dot (layout assignment makes it a bitcast), and the dot runs in Eigen:
     in float32 ~2.4x slower at the LM-head shape on an AVX2 Xeon, in bfloat16 converted to float32 first (~200
     against ~1,000 GFLOP/s on an AMX Xeon). The layout constraint makes the copy real; with several devices an
-    optimization barrier stands in (``layout_copies``). Elsewhere (GPU, TPU) a transpose."""
+    optimization barrier stands in (``layout_copies``), which is not the same: XLA:CPU expands barriers before
+    layout assignment and fusion, so there the dot may still get the transposed operand (correct, not the fast
+    path). Elsewhere (GPU, TPU) a transpose."""
     xt = x.transpose((*range(x.ndim - 2), x.ndim - 1, x.ndim - 2))
     if jax.default_backend() != "cpu":
         return xt
