@@ -187,10 +187,8 @@ class LatentProposer:
             aggregation=p.loss_aggregation,
         )
         self._update = jit_update_step(obj, self.tx, 1, self.st_shard, None, (p_shard,), mesh=mesh)
-        self._score = jax.jit(
-            traced_on(mesh, functools.partial(score_rows, cfg=model_cfg, G=self.G, chunk=self.r.logit_chunk)),
-            in_shardings=(p_shard, None),
-        )
+        score = functools.partial(score_rows, cfg=model_cfg, G=self.G, chunk=self.r.logit_chunk)
+        self._score = jax.jit(traced_on(mesh, score), in_shardings=(p_shard, None))
         self._seq_lp = jax.jit(traced_on(mesh, functools.partial(sequence_logprobs, cfg=model_cfg)))
 
     # -- policy state
