@@ -64,12 +64,6 @@ def dense(q, k, v, mask):
     return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4)
 
 
-def _cpu_barrier(x):
-    """On the CPU, keep XLA from fusing these softmax intermediates into the matmul that reads them (its fused
-    softmax + matmul kernel measured slower than the two apart); elsewhere the identity."""
-    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
-
-
 def _exp_scores(qt, k, mask):
     """exp(q k^T / sqrt(Dh) - row max) over the keys ``mask`` allows, and the row sums: qt [B*K, G*T, Dh],
     k [B*K, S, Dh], mask [B, T, S] -> ([B*K, G*T, S], [B*K, G*T, 1]) float32 (the softmax is their ratio)."""
@@ -78,7 +72,7 @@ def _exp_scores(qt, k, mask):
     scores = jnp.einsum("bqd,bsd->bqs", qt * jnp.asarray(Dh**-0.5, qt.dtype), k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores.reshape(B, BK // B, GT // T, T, S), NEG_INF)
     e = jnp.exp(scores - scores.max(-1, keepdims=True)).reshape(BK, GT, S)
-    return _cpu_barrier((e, e.sum(-1, keepdims=True)))
+    return e, e.sum(-1, keepdims=True)
 
 
 @jax.custom_vjp
@@ -107,7 +101,6 @@ def _attend_grads(res, g):
     dp = jnp.einsum("bqd,bsd->bqs", g, v, preferred_element_type=f32)
     delta = (g.astype(f32) * out.astype(f32)).sum(-1, keepdims=True)
     ds = (p * (dp - delta) * scale).astype(qt.dtype)
-    ds, p = _cpu_barrier((ds, p))
     dq = jnp.einsum("bqs,bsd->bqd", ds, k, preferred_element_type=f32).astype(qt.dtype)
     # dK = dS^T Q and dV = P^T dO contract the query axis, the leading one of dS and P. In bfloat16 on the CPU,
     # XLA folds a transpose into such a dot and runs it in Eigen with both sides converted to float32 (76 vs 195
