@@ -9,7 +9,7 @@ import pytest
 
 from ra3_jax.model import KVCache, LlamaConfig, forward, init_params
 from ra3_jax.model.convert import _unpermute_rows, load_hf
-from ra3_jax.model.matmul import layout_copies, matmul, matmul_t
+from ra3_jax.model.matmul import layout_copies, matmul, matmul_t, matmuls
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -165,6 +165,7 @@ def test_cpu_dense_gradient_equals_autodiff_of_the_plain_product(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(llama, "matmul", lambda x, w: x @ w)
         m.setattr(llama, "matmul_t", lambda x, w: x @ w.T)
+        m.setattr(llama, "matmuls", lambda x, ws: tuple(x @ w for w in ws))
         m.setattr(llama, "swiglu", lambda gate, up: jax.nn.silu(gate) * up)
         plain = [grads(c) for c in variants]
     for c, (v, g), (v_ref, g_ref) in zip(variants, ours, plain):
@@ -173,6 +174,24 @@ def test_cpu_dense_gradient_equals_autodiff_of_the_plain_product(monkeypatch):
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
             assert a.dtype == b.dtype
             np.testing.assert_allclose(a, b, atol=tol * max(1.0, float(jnp.abs(b).max())), rtol=tol)
+
+
+def test_cpu_products_sharing_an_input_save_it_once(capsys):
+    """``matmuls`` (q, k, v; gate, up) saves its shared input once for the backward (as x^T), where a ``matmul``
+    per weight saved a copy each (in a scan: one stacked [L, N, D] buffer each); its gradient, dX summed in
+    float32, equals autodiff of the plain products."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    x = jax.random.normal(jax.random.key(0), (12, 8))
+    ws = [jax.random.normal(jax.random.key(i), (8, 5)) for i in (1, 2, 3)]
+    shared = lambda x, *ws: sum((o**2).sum() for o in matmuls(x, ws))
+    each = lambda x, *ws: sum((matmul(x, w) ** 2).sum() for w in ws)
+    plain = lambda x, *ws: sum(((x @ w) ** 2).sum() for w in ws)
+    for f, copies in ((shared, 1), (each, 3)):
+        print_saved_residuals(f, x, *ws)
+        assert capsys.readouterr().out.count("f32[8,12]") == copies  # x^T
+    for a, b in zip(jax.grad(shared, argnums=(0, 1, 2, 3))(x, *ws), jax.grad(plain, argnums=(0, 1, 2, 3))(x, *ws)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from ra3_jax.errors import InputError
 from ra3_jax.model.attention import NEG_INF, AttentionImpl, dense, self_attention
-from ra3_jax.model.matmul import matmul, matmul_t, swiglu
+from ra3_jax.model.matmul import matmul, matmul_t, matmuls, swiglu
 
 RopeLayout = Literal["half", "interleaved"]
 DType = Literal["float32", "bfloat16"]
@@ -224,9 +224,7 @@ def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: in
     K, G, Dh = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     with jax.named_scope("attention"):
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-        q = matmul(h, lp["wq"].astype(dt))
-        k = matmul(h, lp["wk"].astype(dt))
-        v = matmul(h, lp["wv"].astype(dt))
+        q, k, v = matmuls(h, (lp["wq"].astype(dt), lp["wk"].astype(dt), lp["wv"].astype(dt)))
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
         q = apply_rope(q.reshape(B, T, K * G, Dh), sin, cos, cfg.rope_layout).reshape(B, T, K, G, Dh)
@@ -249,8 +247,7 @@ def _layer(x, lp, sin, cos, mask, cache_kv, cache_index, cfg: LlamaConfig, B: in
         x = x + matmul(attn, lp["wo"].astype(dt))
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-        gate = matmul(h, lp["w_gate"].astype(dt))
-        up = matmul(h, lp["w_up"].astype(dt))
+        gate, up = matmuls(h, (lp["w_gate"].astype(dt), lp["w_up"].astype(dt)))
         x = x + matmul(swiglu(gate, up), lp["w_down"].astype(dt))
     return x, new_kv
 

@@ -68,11 +68,6 @@ def _dot_f32(a, b, contract=(1, 0)):
     return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
-def _matmul_cpu(x, w):
-    return _dot_f32(x, w).astype(x.dtype)
-
-
 def to_residual(x):
     """A value saved for the backward pass, as stored: on the CPU a bfloat16 array is kept as its uint16 bits. A
     scan over layers stacks each layer's residuals with a dynamic-update-slice, and XLA:CPU normalizes a bfloat16
@@ -87,19 +82,27 @@ def from_residual(x):
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
-def _matmul_cpu_fwd(x, w):
+@jax.custom_vjp
+def _matmul_cpu(x, ws):
+    return tuple(_dot_f32(x, w).astype(x.dtype) for w in ws)
+
+
+def _matmul_cpu_fwd(x, ws):
     # the residual is x^T, copied here (``transposed_copy``) rather than in the backward: there, with the layers in
     # a scan, XLA fuses the transpose with the read of the stacked residual into a generic loop ~10x slower than
-    # its transpose kernel (issue #2 shape, bfloat16: ~200 of ~1,200 ms per step)
-    return _matmul_cpu(x, w), (to_residual(transposed_copy(x)), to_residual(w))
+    # its transpose kernel (issue #2 shape, bfloat16: ~200 of ~1,200 ms per step). One copy for all the weights
+    # that read x (q, k, v; gate, up): saved once, not once per product.
+    return _matmul_cpu(x, ws), (to_residual(transposed_copy(x)), tuple(map(to_residual, ws)))
 
 
-def _matmul_cpu_bwd(res, g):
-    xt, w = map(from_residual, res)
-    # dX = g w^T as one dot (no transpose op); dW = x^T g from a row-major copy of x^T (``transposed_copy``: the
-    # copy is the size of x; the dot that reads it runs on YNNPACK instead of Eigen). Measured on an AMX Xeon,
-    # issue #2 shape, layers in a Python loop: bfloat16 930 -> 1,419 tokens/s; float32 unchanged (875 vs 883).
-    return _dot_f32(g, w, contract=(1, 1)).astype(xt.dtype), _dot_f32(xt, g).astype(w.dtype)
+def _matmul_cpu_bwd(res, gs):
+    xt, ws = from_residual(res[0]), tuple(map(from_residual, res[1]))
+    # dX = sum_i g_i w_i^T, each one dot (no transpose op), summed in float32; dW = x^T g from a row-major copy of
+    # x^T (``transposed_copy``: the copy is the size of x; the dot that reads it runs on YNNPACK instead of Eigen).
+    # Measured on an AMX Xeon, issue #2 shape, layers in a Python loop: bfloat16 930 -> 1,419 tokens/s; float32
+    # unchanged (875 vs 883).
+    dx = sum(_dot_f32(g, w, contract=(1, 1)) for g, w in zip(gs, ws))
+    return dx.astype(xt.dtype), tuple(_dot_f32(xt, g).astype(w.dtype) for g, w in zip(gs, ws))
 
 
 _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
@@ -109,10 +112,16 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [N, D] @ w [D, F] for the dense layers, in x's dtype. On the CPU it accumulates in float32 (``_dot_f32``)
     and its gradient computes dW as a row-major matmul (``_matmul_cpu_bwd``); elsewhere it is the plain product
     (autodiff's transposed dot is the fast one there, and GPU/TPU bfloat16 dots accumulate in float32 anyway)."""
+    return matmuls(x, (w,))[0]
+
+
+def matmuls(x: jax.Array, ws) -> tuple[jax.Array, ...]:
+    """(x @ w for w in ws): ``matmul`` for several weights reading the same x, whose backward saves x (as x^T)
+    once and sums dX in float32."""
     if jax.default_backend() == "cpu":
-        assert x.ndim == 2 and w.ndim == 2, (x.shape, w.shape)
-        return _matmul_cpu(x, w)
-    return x @ w
+        assert x.ndim == 2 and all(w.ndim == 2 for w in ws), (x.shape, [w.shape for w in ws])
+        return _matmul_cpu(x, tuple(ws))
+    return tuple(x @ w for w in ws)
 
 
 @jax.custom_vjp
@@ -156,11 +165,11 @@ def _swiglu_cpu_fwd(gate, up):
 
 def _swiglu_cpu_bwd(res, g):
     gate, up = map(from_residual, res)
-    dt = gate.dtype
+    dts = gate.dtype, up.dtype
     gate, up, g = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
     s = jax.nn.sigmoid(gate)
     # d silu(x) / dx = s (1 + x (1 - s))
-    return (g * up * s * (1 + gate * (1 - s))).astype(dt), (g * gate * s).astype(dt)
+    return (g * up * s * (1 + gate * (1 - s))).astype(dts[0]), (g * gate * s).astype(dts[1])
 
 
 _swiglu_cpu.defvjp(_swiglu_cpu_fwd, _swiglu_cpu_bwd)
