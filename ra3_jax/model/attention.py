@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from ra3_jax.model.matmul import from_residual, to_residual, transposed_copy
 
 AttentionImpl = Literal["auto", "xla", "blocked", "pallas", "splash"]
-IMPLEMENTATIONS = ("auto", "xla", "blocked", "pallas", "splash")
+IMPLEMENTATIONS = get_args(AttentionImpl)
 NEG_INF = -1e30
 
 
