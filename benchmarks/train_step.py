@@ -6,7 +6,8 @@ matmul ceiling measured in the same run. Shape (issue #2): d=512, 8 layers, voca
 attention implementation (model/attention.py) and layer mode is measured in the same run; ratios are against
 the first one (the XLA reference by default) and against HF eager (run in a process of its own). Each side's
 best of ``--trials`` timed runs counts; the trials are interleaved (each round times every side once) because
-the shared 2-core VM's speed drifts by ~10% over minutes.
+the shared 2-core VM's speed drifts by ~10% over minutes. Ours runs on huge-page malloc as `ra3` does
+(ra3_jax/hostmem.py; RA3_HUGEPAGE_MALLOC=0 for glibc's default), HF on glibc's default unless ``--hf-hugepage``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ra3_jax import sharding
+from ra3_jax import hostmem, sharding
 from ra3_jax.config import OptimSection
 from ra3_jax.model import LlamaConfig, init_params
 from ra3_jax.train.state import create_state, make_optimizer, state_shardings
@@ -159,11 +160,18 @@ class HFProcess:
     of ours. (That alone did not stop HF's steps from slowing ours right after them: ``interleaved_best``'s
     untimed run does.)"""
 
-    def __init__(self, cfg, batch, seq, steps):
+    def __init__(self, cfg, batch, seq, steps, environ=None):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_hf_worker, args=(child, cfg, batch, seq, steps), daemon=True)
-        self.proc.start()
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(saved if environ is None else environ)  # the spawned interpreter's environment
+        try:
+            self.proc.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         self.work = self.conn.recv()  # built, one warm-up step taken
 
     def run(self):
@@ -200,7 +208,13 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--attention", default="xla,blocked", help="comma-separated implementations (model/attention.py)")
     ap.add_argument("--attention-block", type=int, default=128)
+    ap.add_argument(
+        "--hf-hugepage",
+        action="store_true",
+        help="HF's process on huge-page malloc too (ra3_jax/hostmem.py; torch measured slower with it, so off)",
+    )
     args = ap.parse_args()
+    hostmem.reexec_with_hugepage_malloc()  # ours as `ra3` runs it (RA3_HUGEPAGE_MALLOC=0: glibc's default)
     modes = args.layers.split(",")
     if bad := [m for m in modes if m not in ("scan", "loop")]:
         raise SystemExit(f"--layers: {', '.join(map(repr, bad))} not scan or loop")
@@ -228,6 +242,7 @@ def main():
         "layers": args.layers,
         "timing": f"best of {args.trials} trials of {args.steps} steps, each side",
         "matmul_ceiling_tflops": round(ceiling / 1e12, 3),
+        "glibc_tunables": {"ours": os.environ.get("GLIBC_TUNABLES", "")},
         "attention": {},
     }
     runs, compile_s = {}, {}
@@ -239,7 +254,7 @@ def main():
             runs[name] = (run, work)
     hf = None
     if not args.no_hf:
-        hf = HFProcess(cfg, batch, seq, args.steps)
+        hf = HFProcess(cfg, batch, seq, args.steps, None if args.hf_hugepage else hostmem.without_hugepage(os.environ))
         runs["hf"] = (hf.run, hf.work)
     best = interleaved_best(runs, args.trials)
     if hf is not None:
@@ -258,6 +273,8 @@ def main():
             res["attention"][impl]["ratio_vs_hf_eager"] = round(ours / best["hf"], 2)
     if "hf" in best:
         res["hf_eager_tokens_per_s"] = round(best["hf"], 1)
+        hf_env = os.environ if args.hf_hugepage else hostmem.without_hugepage(os.environ)
+        res["glibc_tunables"]["hf"] = hf_env.get("GLIBC_TUNABLES", "")
     print(json.dumps(res, indent=1))
 
 

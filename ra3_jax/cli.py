@@ -371,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    if argv is None:  # a process of its own (the `ra3` script, `python -m ra3_jax.cli`), not a call from Python
+        from ra3_jax.hostmem import reexec_with_hugepage_malloc
+
+        reexec_with_hugepage_malloc()
     logging.basicConfig(level=os.environ.get("RA3_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

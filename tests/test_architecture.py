@@ -10,7 +10,7 @@ PKG = pathlib.Path(REPO) / "ra3_jax"
 
 # docs/ARCHITECTURE.md's layer table, in order (a path prefix ending in "/" is a package).
 LAYERS = [
-    ("leaves", ["errors", "schema", "sharding", "meshes", "distributed", "train/checkpoint", "__init__"]),
+    ("leaves", ["errors", "hostmem", "schema", "sharding", "meshes", "distributed", "train/checkpoint", "__init__"]),
     ("model", ["model/", "tokenizer"]),
     ("config", ["config"]),
     ("data", ["data/"]),
