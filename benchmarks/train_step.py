@@ -7,7 +7,7 @@ attention implementation (model/attention.py) and layer mode is measured in the 
 the first one (the XLA reference by default) and against HF eager (run in a process of its own). Each side's
 best of ``--trials`` timed runs counts; the trials are interleaved (each round times every side once) because
 the shared 2-core VM's speed drifts by ~10% over minutes. Ours runs on huge-page malloc as `ra3` does
-(ra3_jax/hostmem.py; RA3_HUGEPAGE_MALLOC=0 for glibc's default), HF on glibc's default unless ``--hf-hugepage``.
+(ra3_jax/hostmem.py; RA3_HUGEPAGE_MALLOC=0 for glibc's default), HF on glibc's default (``--hf-env`` to change).
 """
 
 from __future__ import annotations
@@ -209,11 +209,17 @@ def main():
     ap.add_argument("--attention", default="xla,blocked", help="comma-separated implementations (model/attention.py)")
     ap.add_argument("--attention-block", type=int, default=128)
     ap.add_argument(
-        "--hf-hugepage",
-        action="store_true",
-        help="HF's process on huge-page malloc too (ra3_jax/hostmem.py; torch measured slower with it, so off)",
+        "--hf-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set in HF's process (repeatable), e.g. its best malloc here: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
+        "MALLOC_TRIM_THRESHOLD_=68719476736 (+6-9%%, +25%% RSS); HF runs slower on ours (huge pages), so by default "
+        "it gets glibc's default malloc",
     )
     args = ap.parse_args()
+    if bad := [e for e in args.hf_env if "=" not in e]:
+        raise SystemExit(f"--hf-env: {', '.join(map(repr, bad))} not KEY=VALUE")
     hostmem.reexec_with_hugepage_malloc()  # ours as `ra3` runs it (RA3_HUGEPAGE_MALLOC=0: glibc's default)
     modes = args.layers.split(",")
     if bad := [m for m in modes if m not in ("scan", "loop")]:
@@ -254,7 +260,8 @@ def main():
             runs[name] = (run, work)
     hf = None
     if not args.no_hf:
-        hf = HFProcess(cfg, batch, seq, args.steps, None if args.hf_hugepage else hostmem.without_hugepage(os.environ))
+        hf_env = {**hostmem.without_hugepage(os.environ), **dict(e.split("=", 1) for e in args.hf_env)}
+        hf = HFProcess(cfg, batch, seq, args.steps, hf_env)
         runs["hf"] = (hf.run, hf.work)
     best = interleaved_best(runs, args.trials)
     if hf is not None:
@@ -273,8 +280,8 @@ def main():
             res["attention"][impl]["ratio_vs_hf_eager"] = round(ours / best["hf"], 2)
     if "hf" in best:
         res["hf_eager_tokens_per_s"] = round(best["hf"], 1)
-        hf_env = os.environ if args.hf_hugepage else hostmem.without_hugepage(os.environ)
         res["glibc_tunables"]["hf"] = hf_env.get("GLIBC_TUNABLES", "")
+        res["hf_env"] = args.hf_env
     print(json.dumps(res, indent=1))
 
 
