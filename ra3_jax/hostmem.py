@@ -17,6 +17,7 @@ use one).
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
@@ -72,7 +73,10 @@ def reexec_with_hugepage_malloc() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as e:  # e.g. the interpreter's file replaced under a running process: go on as we are
+        logging.getLogger(__name__).warning("could not re-execute with %s=1 (%s); glibc's default malloc", TUNABLE, e)
 
 
 def without_hugepage(environ) -> dict:

@@ -86,3 +86,10 @@ def test_reexec_keeps_the_command_line_and_cuts_page_faults():
     assert "glibc.malloc.hugetlb=1" in on["tunables"]
     assert off["faults"] >= 20 * (64 << 20) // 4096 * 0.9  # every 4 KiB page, every round
     assert on["faults"] * 8 < off["faults"], (on, off)
+
+
+def test_reexec_failure_goes_on_with_the_default(monkeypatch, caplog):
+    monkeypatch.setattr(hostmem, "hugepage_environ", lambda environ: {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    monkeypatch.setattr(hostmem.os, "execve", lambda *a: (_ for _ in ()).throw(PermissionError("denied")))
+    hostmem.reexec_with_hugepage_malloc()  # returns instead of raising
+    assert "could not re-execute" in caplog.text and "denied" in caplog.text
