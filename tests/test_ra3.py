@@ -282,6 +282,84 @@ def test_iwae_of_sampled_paths_against_enumeration(tiny_setup):
     assert errs[512] < errs[64] < errs[8] and errs[512] < 0.1, errs
 
 
+class _WithBos:
+    """The test tokenizer as a tokenizer that prepends its BOS itself (``add_bos``, like SmolLM2's GGUF)."""
+
+    def __init__(self, tok):
+        self._tok, self.add_bos = tok, True
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def encode(self, text):
+        return [self._tok.bos_id] + self._tok.encode(text)
+
+    def encode_batch(self, texts):
+        return [[self._tok.bos_id] + ids for ids in self._tok.encode_batch(texts)]
+
+
+def test_iwae_paths_with_a_bos_start(tiny_setup):
+    """The IWAE paths when documents start with a BOS token: a rationale may then go at boundary 0, right after
+    the BOS; each path is [bos] + code + marker + ids + ... + [eos] with the BOS once (each later code segment
+    is tokenized without its own), decodes to the rendered document, and its log weight equals a plain forward
+    of that sequence (the BOS as context) minus its proposal log-probability computed by hand."""
+    from ra3_jax.algorithms.ra3 import LatentProposer, make_documents, start_ids
+    from ra3_jax.algorithms.ra3.bound import iwae_log_weights
+    from ra3_jax.data.documents import render
+
+    cfg, mcfg, params, spm = tiny_setup
+    tok = _WithBos(spm)
+    bos = tok.bos_id
+    cfg = dataclasses.replace(cfg, ra3=dataclasses.replace(cfg.ra3, max_latent_tokens=2))
+    doc = make_documents("x = 1\ny = x + 2\nz = y\n", "toy.py", tok, cfg.ra3)[0]
+    assert doc.num_steps == 3 and start_ids(tok) == [bos]
+    allowed = tuple(spm.encode("x")) + (spm.encode(" x")[0], spm.encode("\n")[0])
+    proposer = LatentProposer(cfg, mcfg, tok, _mesh1())
+    assert proposer.first == 0
+    proposer.sampling = _OnlyTokens(allowed)
+    K, floor = 48, 0.3
+    log_w, paths = iwae_log_weights(proposer, params, [doc], K, seed=7, floor=floor)
+    marker = {t: proposer.candidate([doc], 0, t, {}) for t in range(3)}
+    assert all(c.prompt[0] == bos and bos not in c.prompt[1:] for c in marker.values())
+
+    def seq_of(took):
+        ids, code = [bos], ""
+        for t in range(3):
+            if t in took:
+                ids += spm.encode(code) + took[t]
+                code = ""
+            code += doc.texts[t]
+        return ids + spm.encode(code) + [tok.eos_id]
+
+    def log_q_by_hand(took):
+        lq = 0.0
+        for t, c in marker.items():
+            lp = _naive_full_logprobs(params, mcfg, c.prompt + c.forced + (took[t][len(c.forced) :] if t in took else []))
+            P = len(c.prompt)
+            qs = min(max(math.exp(sum(lp[P - 1 + j, c.forced[j]] for j in range(len(c.forced)))), floor), 1 - floor)
+            if t not in took:
+                lq += math.log(1 - qs)
+                continue
+            lq += math.log(qs)
+            for j, x in enumerate(took[t][len(c.forced) :]):
+                row = lp[P - 1 + len(c.forced) + j]
+                lq += row[x] - np.logaddexp.reduce(row[list(allowed)])
+        return lq
+
+    at_start = checked = 0
+    for k in range(K):
+        if not np.isfinite(log_w[0, k]):
+            assert any(z.line is None for z in paths[0][k].values())
+            continue
+        took = {t: z.ids for t, z in paths[0][k].items()}
+        s = seq_of(took)
+        assert s.count(bos) == 1 and tok.decode(s[1:-1]) == render(doc, {t: {"text": z.line} for t, z in paths[0][k].items()})
+        if 0 in took or checked < 6:
+            np.testing.assert_allclose(log_w[0, k], _naive_sum(params, mcfg, s) - log_q_by_hand(took), atol=3e-4)
+            at_start, checked = at_start + (0 in took), checked + 1
+    assert at_start >= 3, at_start  # the BOS-start path (a rationale before the first line) was checked
+
+
 def _naive_full_logprobs(params, mcfg, seq):
     """log-softmax rows of a plain full forward: row j = log p(. | seq[<=j])."""
     from ra3_jax.model.llama import forward
