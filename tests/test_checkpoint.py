@@ -2,10 +2,13 @@
 ``train.resume_step`` override that resumes from one; resuming with it works (unit level on RunCheckpointer, and
 one end-to-end CLI run)."""
 
+import gc
 import glob
 import json
 import logging
 import os
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +134,12 @@ def test_checkpoints_without_resume_override_say_how_to_use_an_intact_step(three
     ck.close()
 
 
-def test_a_config_mismatch_is_one_line_without_tensorstore_dumps(three_steps):
+def test_a_config_mismatch_is_one_line_without_tensorstore_dumps(three_steps, monkeypatch):
+    """... and the aborted read leaves no unraisable noise behind (its read coroutines, closed by the garbage
+    collector, raised "Encountered error while reading array index" from their GeneratorExit), while any other
+    unraisable error still reaches the hook that was there before."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
     ck = RunCheckpointer(three_steps, async_save=False)
     wrong = {**ABSTRACT, "w": jax.ShapeDtypeStruct((500,), jnp.float32)}
     with pytest.raises(CheckpointIOError) as err:
@@ -140,6 +148,12 @@ def test_a_config_mismatch_is_one_line_without_tensorstore_dumps(three_steps):
     assert "\n" not in msg and msg.startswith("cannot restore checkpoint step 12") and "TensorStore" not in msg
     assert "config does not match" in msg
     ck.close()
+    del err
+    gc.collect()
+    assert seen == [], [repr(u.exc_value)[:200] for u in seen]
+    other = types.SimpleNamespace(exc_value=ValueError("unrelated"), object=None)
+    sys.unraisablehook(other)
+    assert seen == [other]
 
 
 def test_cli_damaged_step_then_resume_step(tmp_path, spm_tokenizer, tfds_dir):

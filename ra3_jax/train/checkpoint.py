@@ -45,12 +45,24 @@ def _jsonable(x):
     return x
 
 
+def _aborted_read_noise(u) -> bool:
+    """An unraisable error left by an aborted Orbax read: asyncio's "Event loop is closed" (TensorStore callbacks
+    reaching the loop Orbax already closed), or a pending Orbax read coroutine closed by the garbage collector
+    (Orbax's ``except`` turns the GeneratorExit into an Exception about the array index it was reading)."""
+    e = u.exc_value
+    if isinstance(e, RuntimeError) and "Event loop is closed" in str(e):
+        return True
+    code = getattr(u.object, "cr_code", None)
+    from_orbax = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    return from_orbax and (isinstance(e, GeneratorExit) or isinstance(getattr(e, "__cause__", None), GeneratorExit))
+
+
 def _loop_closed_filter(previous):
-    """An unraisable hook that drops asyncio's "Event loop is closed" (TensorStore callbacks of an aborted
-    Orbax read reaching the loop Orbax already closed) and hands everything else to ``previous``."""
+    """An unraisable hook that drops the noise of an aborted Orbax read (``_aborted_read_noise``) and hands
+    everything else to ``previous``."""
 
     def hook(u):
-        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+        if _aborted_read_noise(u):
             return
         previous(u)
 
@@ -62,9 +74,9 @@ def _loop_closed_filter(previous):
 def quiet_orbax():
     """Orbax / TensorStore / absl / asyncio logging off around a checkpoint read (unless the root logger is set
     below WARNING, i.e. the user asked for the detail); the log levels are restored afterwards. The checks of
-    this module report what those logs would have said, in one line. After a failed read, asyncio's "Event
-    loop is closed" noise from late TensorStore callbacks stays filtered (every other unraisable error still
-    reaches the previous hook)."""
+    this module report what those logs would have said, in one line. After a failed read, its late noise (asyncio's
+    "Event loop is closed", its read coroutines closed by the garbage collector) stays filtered (every other
+    unraisable error still reaches the previous hook)."""
     loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     if logging.getLogger().getEffectiveLevel() >= logging.WARNING:
