@@ -239,3 +239,26 @@ def test_no_rows_by_vocab_intermediate(wide):
     assert sizes["policy grad (no remat)"] >= NV and sizes["naive token_logprobs"] >= NV  # the check can tell
     assert temp["scores"] < NV * 4 and temp["policy grad (remat)"] < NV * 4
     assert temp["naive token_logprobs"] >= NV * 4
+
+
+def _switch_widths(jaxpr):
+    """The number of branches of every cond / switch in a jaxpr and its sub-jaxprs."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            yield len(eqn.params["branches"])
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _switch_widths(inner)
+
+
+def test_policy_gradient_attends_over_one_length(wide):
+    """Scoring (no gradient) picks one of the decode buckets' attended lengths with a lax.switch; the policy's
+    gradient does not: under a gradient every branch's residuals would be stacked (zero-filled for the branches
+    not taken) in each layer."""
+    params, w = wide
+    args = (params, w["left"], w["plen"], w["cont"], w["clen"], w["targets"], w["mask"])
+    assert WIDE.decode_buckets == 4
+    assert max(_switch_widths(jax.make_jaxpr(_wide_scores)(*args).jaxpr)) == 4  # the check can tell
+    assert max(_switch_widths(jax.make_jaxpr(_wide_policy_grad(True))(*args).jaxpr), default=0) <= 2  # chunk skips
