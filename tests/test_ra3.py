@@ -224,29 +224,8 @@ def test_iwae_of_sampled_paths_against_enumeration(tiny_setup):
         want = sum(lp[len(c.prompt) - 1 + j, x] for j, x in enumerate(c.forced))
         assert want < -5 and all(abs(z.log_marker - want) < 2e-4 for z in group)  # (so q's switch is the floor here)
 
-    def seq_of(took):  # [code] + marker + ids + [code] ... + [eos], built by hand
-        ids, code = [], ""
-        for t in range(3):
-            if t in took:
-                ids += tok.encode(code) + took[t]
-                code = ""
-            code += doc.texts[t]
-        return ids + tok.encode(code) + [tok.eos_id]
-
-    def log_q_by_hand(took):
-        lq = 0.0
-        for t, c in marker.items():
-            lp = _naive_full_logprobs(params, mcfg, c.prompt + c.forced + (took[t][len(c.forced) :] if t in took else []))
-            P = len(c.prompt)
-            qs = min(max(math.exp(sum(lp[P - 1 + j, c.forced[j]] for j in range(len(c.forced)))), floor), 1 - floor)
-            if t not in took:
-                lq += math.log(1 - qs)
-                continue
-            lq += math.log(qs)
-            for j, x in enumerate(took[t][len(c.forced) :]):  # restricted, renormalised distribution
-                row = lp[P - 1 + len(c.forced) + j]
-                lq += row[x] - np.logaddexp.reduce(row[list(allowed)])
-        return lq
+    def seq_of(took):
+        return _seq_by_hand(doc, took, tok, [])
 
     checked = 0
     for k in range(K):
@@ -257,7 +236,9 @@ def test_iwae_of_sampled_paths_against_enumeration(tiny_setup):
         s = seq_of(took)
         assert tok.decode(s[:-1]) == render(doc, {t: {"text": z.line} for t, z in paths[0][k].items()})
         if checked < 12 or len(took) == 2:
-            np.testing.assert_allclose(log_w[0, k], _naive_sum(params, mcfg, s) - log_q_by_hand(took), atol=3e-4)
+            np.testing.assert_allclose(
+                log_w[0, k], _naive_sum(params, mcfg, s) - _log_q_by_hand(params, mcfg, marker, took, floor, allowed), atol=3e-4
+            )
             checked += 1
     assert 0.3 < np.isfinite(log_w).mean() < 0.95  # both valid and invalid samples occur
 
@@ -323,28 +304,7 @@ def test_iwae_paths_with_a_bos_start(tiny_setup):
     assert all(c.prompt[0] == bos and bos not in c.prompt[1:] for c in marker.values())
 
     def seq_of(took):
-        ids, code = [bos], ""
-        for t in range(3):
-            if t in took:
-                ids += spm.encode(code) + took[t]
-                code = ""
-            code += doc.texts[t]
-        return ids + spm.encode(code) + [tok.eos_id]
-
-    def log_q_by_hand(took):
-        lq = 0.0
-        for t, c in marker.items():
-            lp = _naive_full_logprobs(params, mcfg, c.prompt + c.forced + (took[t][len(c.forced) :] if t in took else []))
-            P = len(c.prompt)
-            qs = min(max(math.exp(sum(lp[P - 1 + j, c.forced[j]] for j in range(len(c.forced)))), floor), 1 - floor)
-            if t not in took:
-                lq += math.log(1 - qs)
-                continue
-            lq += math.log(qs)
-            for j, x in enumerate(took[t][len(c.forced) :]):
-                row = lp[P - 1 + len(c.forced) + j]
-                lq += row[x] - np.logaddexp.reduce(row[list(allowed)])
-        return lq
+        return _seq_by_hand(doc, took, spm, [bos])
 
     at_start = checked = 0
     for k in range(K):
@@ -355,9 +315,41 @@ def test_iwae_paths_with_a_bos_start(tiny_setup):
         s = seq_of(took)
         assert s.count(bos) == 1 and tok.decode(s[1:-1]) == render(doc, {t: {"text": z.line} for t, z in paths[0][k].items()})
         if 0 in took or checked < 6:
-            np.testing.assert_allclose(log_w[0, k], _naive_sum(params, mcfg, s) - log_q_by_hand(took), atol=3e-4)
+            np.testing.assert_allclose(
+                log_w[0, k], _naive_sum(params, mcfg, s) - _log_q_by_hand(params, mcfg, marker, took, floor, allowed), atol=3e-4
+            )
             at_start, checked = at_start + (0 in took), checked + 1
     assert at_start >= 3, at_start  # the BOS-start path (a rationale before the first line) was checked
+
+
+def _seq_by_hand(doc, took, tok, start):
+    """start + [code] + marker + ids + [code] ... + [eos] of a path ({step: ids}), each code piece encoded alone."""
+    ids, code = list(start), ""
+    for t in range(doc.num_steps):
+        if t in took:
+            ids += tok.encode(code) + took[t]
+            code = ""
+        code += doc.texts[t]
+    return ids + tok.encode(code) + [tok.eos_id]
+
+
+def _log_q_by_hand(params, mcfg, marker, took, floor, allowed):
+    """log q of a path by plain forwards: at each boundary t of ``marker`` ({t: candidate}) the switch probability
+    clip(p(marker | prompt), floor, 1 - floor), and a switched-in rationale's ids under the restricted, renormalised
+    distribution over ``allowed``."""
+    lq = 0.0
+    for t, c in marker.items():
+        lp = _naive_full_logprobs(params, mcfg, c.prompt + c.forced + (took[t][len(c.forced) :] if t in took else []))
+        P = len(c.prompt)
+        qs = min(max(math.exp(sum(lp[P - 1 + j, c.forced[j]] for j in range(len(c.forced)))), floor), 1 - floor)
+        if t not in took:
+            lq += math.log(1 - qs)
+            continue
+        lq += math.log(qs)
+        for j, x in enumerate(took[t][len(c.forced) :]):
+            row = lp[P - 1 + len(c.forced) + j]
+            lq += row[x] - np.logaddexp.reduce(row[list(allowed)])
+    return lq
 
 
 def _naive_full_logprobs(params, mcfg, seq):
