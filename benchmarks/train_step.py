@@ -13,6 +13,7 @@ the shared 2-core VM's speed drifts by ~10% over minutes. Ours runs on huge-page
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -155,6 +156,27 @@ def _hf_worker(conn, cfg, batch, seq, steps):
         conn.send("done")
 
 
+@contextlib.contextmanager
+def _environ(environ):
+    """os.environ equal to ``environ`` inside the block, changing only the keys that differ (other threads keep
+    seeing every other variable unchanged)."""
+    differ = (set(os.environ) ^ set(environ)) | {k for k in environ if os.environ.get(k) != environ[k]}
+    saved = {k: os.environ.get(k) for k in differ}
+    try:
+        for k in differ:
+            if k in environ:
+                os.environ[k] = environ[k]
+            else:
+                del os.environ[k]
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class HFProcess:
     """HF's train step in a process of its own, run on request: torch's thread pool and allocator state stay out
     of ours. (That alone did not stop HF's steps from slowing ours right after them: ``interleaved_best``'s
@@ -164,14 +186,8 @@ class HFProcess:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_hf_worker, args=(child, cfg, batch, seq, steps), daemon=True)
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(saved if environ is None else environ)  # the spawned interpreter's environment
-        try:
+        with _environ(os.environ if environ is None else environ):  # what the spawned interpreter inherits
             self.proc.start()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
         self.work = self.conn.recv()  # built, one warm-up step taken
 
     def run(self):
@@ -218,7 +234,7 @@ def main():
         "it gets glibc's default malloc",
     )
     args = ap.parse_args()
-    if bad := [e for e in args.hf_env if "=" not in e]:
+    if bad := [e for e in args.hf_env if not e.split("=", 1)[0] or "=" not in e]:
         raise SystemExit(f"--hf-env: {', '.join(map(repr, bad))} not KEY=VALUE")
     hostmem.reexec_with_hugepage_malloc()  # ours as `ra3` runs it (RA3_HUGEPAGE_MALLOC=0: glibc's default)
     modes = args.layers.split(",")

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 
+from ra3_jax import enable_compilation_cache, hostmem
 from ra3_jax.commands import cmd_convert, cmd_export_hf, cmd_report, cmd_show_latents
 from ra3_jax.errors import RA3Error
 
@@ -371,10 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    if argv is None:  # a process of its own (the `ra3` script, `python -m ra3_jax.cli`), not a call from Python
-        from ra3_jax.hostmem import reexec_with_hugepage_malloc
-
-        reexec_with_hugepage_malloc()
     logging.basicConfig(level=os.environ.get("RA3_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -382,8 +379,6 @@ def main(argv=None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    from ra3_jax import enable_compilation_cache
-
     enable_compilation_cache()
     try:
         args.fn(args)
@@ -393,5 +388,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The process entry point (`ra3`, `python -m ra3_jax.cli`): re-executed with huge-page malloc, then ``main``
+    (which never re-executes: a notebook or wrapper calling it keeps its process)."""
+    hostmem.reexec_with_hugepage_malloc()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

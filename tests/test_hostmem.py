@@ -14,7 +14,10 @@ LINUX = dict(platform_name="linux", glibc=(2, 36), thp="madvise")
 
 
 def test_tunable_added_only_where_it_helps():
-    assert hostmem.hugepage_environ({"A": "1"}, **LINUX) == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    want = {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "RA3_HUGEPAGE_REEXEC": "1"}
+    assert hostmem.hugepage_environ({"A": "1"}, **LINUX) == want
+    # the re-executed process never execs again, even where the loader dropped the tunable (secure execution)
+    assert hostmem.hugepage_environ({"RA3_HUGEPAGE_REEXEC": "1"}, **LINUX) is None
     # other tunables are kept, ours appended
     env = hostmem.hugepage_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **LINUX)
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
@@ -29,7 +32,7 @@ def test_tunable_added_only_where_it_helps():
 
 
 def test_without_hugepage_takes_out_ours_only():
-    env = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "B": "2"}
+    env = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "B": "2", "RA3_HUGEPAGE_REEXEC": "1"}
     assert hostmem.without_hugepage(env) == {
         "GLIBC_TUNABLES": "glibc.malloc.arena_max=2",
         "B": "2",
@@ -93,3 +96,19 @@ def test_reexec_failure_goes_on_with_the_default(monkeypatch, caplog):
     monkeypatch.setattr(hostmem.os, "execve", lambda *a: (_ for _ in ()).throw(PermissionError("denied")))
     hostmem.reexec_with_hugepage_malloc()  # returns instead of raising
     assert "could not re-execute" in caplog.text and "denied" in caplog.text
+
+
+def test_only_the_process_entry_point_reexecutes(monkeypatch):
+    """``cli.run`` (the `ra3` script) re-executes; ``cli.main`` never does, even without argv (a notebook or a
+    wrapper that set sys.argv keeps its process)."""
+    from ra3_jax import cli
+
+    calls = []
+    monkeypatch.setattr(hostmem, "reexec_with_hugepage_malloc", lambda: calls.append(1))
+    monkeypatch.setattr(sys, "argv", ["ra3", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert calls == []
+    with pytest.raises(SystemExit):
+        cli.run()
+    assert calls == [1]
