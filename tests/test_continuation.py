@@ -181,15 +181,20 @@ WIDE = LlamaConfig(vocab_size=16384, d_model=32, n_layers=1, n_heads=2, n_kv_hea
 WP, WC, WK, WCHUNK = 8, 48, 3, 16  # R = 6, R*C = 288: chunk*V is 1/18 of R*C*V
 
 
-def _walk_avals(jaxpr):
-    """Every intermediate's aval in a jaxpr and its sub-jaxprs (scan / cond / checkpoint / pjit bodies)."""
+def _walk_eqns(jaxpr):
+    """Every equation of a jaxpr and of its sub-jaxprs (scan / cond / checkpoint / pjit bodies)."""
     for eqn in jaxpr.eqns:
-        yield from (v.aval for v in eqn.outvars)
+        yield eqn
         for p in eqn.params.values():
             for sub in p if isinstance(p, (tuple, list)) else (p,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    yield from _walk_avals(inner)
+                    yield from _walk_eqns(inner)
+
+
+def _walk_avals(jaxpr):
+    """Every intermediate's aval in a jaxpr and its sub-jaxprs."""
+    return (v.aval for eqn in _walk_eqns(jaxpr) for v in eqn.outvars)
 
 
 def _largest(f, *args):
@@ -243,14 +248,7 @@ def test_no_rows_by_vocab_intermediate(wide):
 
 def _switch_widths(jaxpr):
     """The number of branches of every cond / switch in a jaxpr and its sub-jaxprs."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "cond":
-            yield len(eqn.params["branches"])
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _switch_widths(inner)
+    return (len(eqn.params["branches"]) for eqn in _walk_eqns(jaxpr) if eqn.primitive.name == "cond")
 
 
 def test_policy_gradient_attends_over_one_length(wide):
