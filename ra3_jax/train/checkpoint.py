@@ -54,7 +54,7 @@ def _aborted_read_noise(u) -> bool:
         return True
     code = getattr(u.object, "cr_code", None)
     from_orbax = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-    return from_orbax and (isinstance(e, GeneratorExit) or isinstance(getattr(e, "__cause__", None), GeneratorExit))
+    return from_orbax and isinstance(getattr(e, "__cause__", None), GeneratorExit)
 
 
 def _loop_closed_filter(previous):
