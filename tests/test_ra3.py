@@ -421,6 +421,28 @@ def test_estep_scores_are_the_exact_increment(tiny_setup):
     assert cands[0].prefix == docs[0].texts[0] + prior[1]["text"] + docs[0].texts[1]  # the accepted latent is in the prefix
 
 
+def test_rationales_take_at_most_max_latent_tokens(tiny_setup):
+    """Every sampled rationale has at most max_latent_tokens ids after its own forced marker, also in a row whose
+    marker (less indentation) is shorter than the batch's longest: the sampler's budget is the longest marker +
+    max_latent_tokens for all rows. The policy batch then has one width, max_latent_tokens rounded up to 8."""
+    from ra3_jax.algorithms.ra3 import LatentProposer, make_documents
+
+    cfg, mcfg, params, tok = tiny_setup
+    L = 5
+    cfg = dataclasses.replace(cfg, ra3=dataclasses.replace(cfg.ra3, max_latent_tokens=L))
+    proposer = LatentProposer(cfg, mcfg, tok, _mesh1())
+    proposer.sampling = _OnlyTokens(tuple(tok.encode("x")))  # never a line break: every row runs to its budget
+    docs = make_documents("a = 1\ndef f(b):\n        c = b\n        return c\n", "t.py", tok, cfg.ra3)
+    cands = [proposer.candidate(docs, 0, 1, {}), proposer.candidate(docs, 0, 2, {})]
+    assert len(cands[0].forced) < len(cands[1].forced)  # no indent vs 8 spaces
+    groups = proposer.propose(params, cands, jax.random.key(0))
+    for c, group in zip(cands, groups):
+        for z in group:
+            assert len(z["sampled"]) == L and set(z["sampled"]) <= set(tok.encode("x")), (c.forced, z["sampled"])
+    batch = jax.device_get(proposer.policy_batch(cands, groups, np.zeros((2, proposer.G))))
+    assert batch["cont_tokens"].shape[1] == 8 and batch["mask"].sum() == 2 * proposer.G * L
+
+
 def test_pg_gradient_is_reinforce_on_the_sampled_ids(tiny_setup):
     """The E-step's policy loss is REINFORCE on exactly the sampled ids (a sampled EOS stays EOS); the forced
     marker tokens get no gradient."""

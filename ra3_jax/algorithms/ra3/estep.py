@@ -230,8 +230,8 @@ class LatentProposer:
         for i, c in enumerate(cands):
             group = []
             for g in range(self.G):
-                row, F_i = i * self.G + g, len(c.forced)
-                n = int(out.lengths[row])
+                row, F_i = i * self.G + g, len(c.forced)  # at most max_latent_tokens after the marker: a row whose
+                n = min(int(out.lengths[row]), F_i + self.r.max_latent_tokens)  # marker is shorter than F ran longer
                 sampled = [int(x) for x in out.tokens[row, F_i:n]]
                 body = self.tokenizer.decode([x for x in sampled if x not in self.end_ids])  # a sampled EOS ends the line
                 logq = float(np.sum(out.logprobs_processed[row, F_i:n]))
@@ -239,14 +239,14 @@ class LatentProposer:
             res.append(group)
         return res
 
-    def _place(self, pre: list[list[int]], rows: list[tuple[list[int], list[int], dict]], k: int, extra: dict):
+    def _place(self, pre: list[list[int]], rows: list[tuple[list[int], list[int], dict]], k: int, extra: dict, C=None):
         """Device batch of n prefixes and their k continuation rows each: ``rows`` = (cont_tokens, targets,
-        {mask name: per-target mask}); padded candidates get empty prefixes and one masked-out token."""
+        {mask name: per-target mask}); padded candidates get empty prefixes and one masked-out token; width C."""
         n_pad = self.n_pairs - len(pre)
         pre = pre + [[]] * n_pad
         rows = rows + [([0], [0], {m: [0] for m in rows[0][2]})] * (n_pad * k)
         P = pad_length(max(1, max(len(p) for p in pre)))
-        C = pad_length(max(len(c) for c, _, _ in rows))
+        C = C or pad_length(max(len(c) for c, _, _ in rows))
         pad = self.tokenizer.pad_id
         b = {"pre_tokens": np.full((len(pre), P), pad, np.int32), "pre_len": np.array([len(p) for p in pre], np.int32)}
         for i, p in enumerate(pre):
@@ -282,7 +282,7 @@ class LatentProposer:
 
     def policy_batch(self, cands: list[Candidate], groups: list[list[dict]], rewards: np.ndarray):
         """The policy's rows: prefix = prompt + forced marker, continuation = the sampled ids (the loss mask on
-        exactly those), and R + c per row."""
+        exactly those), and R + c per row; one width: max_latent_tokens (``propose``) rounded up to 8, not 32."""
         pre, rows = [], []
         for c, group in zip(cands, groups):
             head = c.prompt + c.forced
@@ -292,7 +292,8 @@ class LatentProposer:
                 rows.append(([head[-1]] + smp[:-1], smp, {"mask": [1 if z["sampled"] else 0] * len(smp)}))
         rew = np.zeros(self.n_pairs * self.G, np.float32)
         rew[: rewards.size] = rewards.reshape(-1)
-        return self._place(pre, rows, self.G, {"rewards": rew})
+        C = round_up(max(self.r.max_latent_tokens, *(len(c) for c, _, _ in rows)), 8)
+        return self._place(pre, rows, self.G, {"rewards": rew}, C)
 
     def score(self, model_params, batch) -> dict:
         """Frozen-model scores of a ``scoring_batch``: lp_z, ll_z [n_pairs, G], ll_c [n_pairs]."""
