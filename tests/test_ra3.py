@@ -424,8 +424,10 @@ def test_estep_scores_are_the_exact_increment(tiny_setup):
 def test_rationales_take_at_most_max_latent_tokens(tiny_setup):
     """Every sampled rationale has at most max_latent_tokens ids after its own forced marker, also in a row whose
     marker (less indentation) is shorter than the batch's longest: the sampler's budget is the longest marker +
-    max_latent_tokens for all rows. The policy batch then has one width, max_latent_tokens rounded up to 8."""
+    max_latent_tokens for all rows. The policy batch then has one width, max_latent_tokens rounded up to 8. In the
+    held-out bound's samples, a line that ends later than that after its marker is invalid (weight 0)."""
     from ra3_jax.algorithms.ra3 import LatentProposer, make_documents
+    from ra3_jax.algorithms.ra3.bound import sample_thoughts
 
     cfg, mcfg, params, tok = tiny_setup
     L = 5
@@ -441,6 +443,12 @@ def test_rationales_take_at_most_max_latent_tokens(tiny_setup):
             assert len(z["sampled"]) == L and set(z["sampled"]) <= set(tok.encode("x")), (c.forced, z["sampled"])
     batch = jax.device_get(proposer.policy_batch(cands, groups, np.zeros((2, proposer.G))))
     assert batch["cont_tokens"].shape[1] == 8 and batch["mask"].sum() == 2 * proposer.G * L
+    # the held-out bound's samples: a line that ends later than max_latent_tokens after its marker is invalid
+    proposer.sampling = _OnlyTokens(tuple(tok.encode("x")) + tuple(tok.encode("\n")))
+    thoughts = sample_thoughts(proposer, params, docs, 256, jax.random.key(1))
+    lens = {t: [len(z.ids) - len(cands[t - 1].forced) for z in g] for (_, t), g in thoughts.items() if t in (1, 2)}
+    valid = {t: [n for n, z in zip(lens[t], thoughts[(0, t)]) if z.line is not None] for t in lens}
+    assert max(lens[1]) > L and valid[1] and max(valid[1] + valid[2]) <= L, lens  # longer ones sampled, all invalid
 
 
 def test_pg_gradient_is_reinforce_on_the_sampled_ids(tiny_setup):

@@ -81,7 +81,8 @@ def iwae_metrics(proposer: LatentProposer, params, docs: list[Document], K: int,
 # tokenized between rationales. Distinct (switches, ids) give distinct complete token sequences, each of which
 # renders x with comment lines inserted, so sum_s p(s) <= p_latent(x) and E log mean_k p(s_k) / q(s_k) is a lower
 # bound of log p_latent(x) that tightens as K grows. A sampled rationale that is not exactly one rendered comment
-# line (no stop at its end of line, an EOS, a second line break, a CR, trailing blanks) has no path: weight 0.
+# line (no stop at its end of line within max_latent_tokens, an EOS, a second line break, a CR, trailing blanks)
+# has no path: weight 0.
 @dataclasses.dataclass
 class SampledThought:
     ids: list[int]  # forced marker ids + the sampled ids
@@ -115,8 +116,9 @@ def sample_thoughts(proposer: LatentProposer, params, docs: list[Document], K: i
                 m = int(res.lengths[row])
                 ids = [int(x) for x in res.tokens[row, :m]]
                 line, head = tok.decode(ids), c.indent + r.marker
-                # exactly one rendered comment line: ends its line, no second break, no CR, no trailing blanks
-                ok = int(res.stop_reason[row]) == STOP_STRING and line.startswith(head)
+                # exactly one rendered comment line: ends its line within max_latent_tokens after its own marker
+                # (the budget above is the longest marker's), no second break, no CR, no trailing blanks
+                ok = int(res.stop_reason[row]) == STOP_STRING and m - F <= r.max_latent_tokens and line.startswith(head)
                 ok = ok and render_latent(c.indent, r.marker, line[len(head) :]) == line
                 lq = float(np.sum(res.logprobs_processed[row, F:m]))
                 group.append(SampledThought(ids, line if ok else None, lq, float(np.sum(res.logprobs[row, :F]))))
