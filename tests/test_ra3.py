@@ -448,7 +448,9 @@ def test_rationales_take_at_most_max_latent_tokens(tiny_setup):
     thoughts = sample_thoughts(proposer, params, docs, 256, jax.random.key(1))
     lens = {t: [len(z.ids) - len(cands[t - 1].forced) for z in g] for (_, t), g in thoughts.items() if t in (1, 2)}
     valid = {t: [n for n, z in zip(lens[t], thoughts[(0, t)]) if z.line is not None] for t in lens}
-    assert max(lens[1]) > L and valid[1] and max(valid[1] + valid[2]) <= L, lens  # longer ones sampled, all invalid
+    nl = tuple(tok.encode("\n"))
+    late = [z for n, z in zip(lens[1], thoughts[(0, 1)]) if n > L and z.ids[-1] in nl]  # lines that end after L
+    assert late and valid[1] and max(valid[1] + valid[2]) <= L, lens  # sampled, and invalid
 
 
 def test_pg_gradient_is_reinforce_on_the_sampled_ids(tiny_setup):
