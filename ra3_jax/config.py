@@ -210,6 +210,7 @@ class RA3Section:
     logit_chunk: int = 512  # scored positions per chunk of the LM head + log-softmax (memory: chunk x vocab)
     estep_batch_docs: int = 8  # documents per E-step policy update
     estep_lr: float = 1.0e-5  # policy learning rate (constant)
+    estep_ckpt_every: int = 4  # E-step checkpoint (policy state, latents) every N batches and at the end; a resume replays <= N-1
     mstep_steps: int = 50  # M-step optimizer steps per iteration (batch = data.batch_size x data.seq_len tokens)
     mask_latents: bool = False  # ablation: no M-step loss on latent tokens
     mstep_init: Literal["model", "policy"] = "model"  # M-step continues the generative model or the E-step policy
@@ -317,6 +318,7 @@ def _validate_ra3(r: RA3Section) -> None:
         "max_latent_tokens",
         "horizon_steps",
         "estep_batch_docs",
+        "estep_ckpt_every",
         "mstep_steps",
         "every_k",
         "max_doc_tokens",

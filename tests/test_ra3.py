@@ -593,7 +593,7 @@ def test_alpha_one_is_exactly_the_ntp_baseline(tmp_path, spm_tokenizer, tfds_dir
     assert a["step"] == b["step"] == 8
 
 
-def _run_cli(out, spm_tokenizer, tfds_dir, fault=None):
+def _run_cli(out, spm_tokenizer, tfds_dir, fault=None, extra=()):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     env.pop("RA3_FAULT_KILL_AFTER_STEP", None)
     if fault:
@@ -609,25 +609,28 @@ def _run_cli(out, spm_tokenizer, tfds_dir, fault=None):
         # lambda_z = 1 nothing would be accepted and the E-step state would not matter to the result
         *_ra3_overrides(out, spm_tokenizer, tfds_dir, "ra3.alpha=0.6", "ra3.lambda_z=0"),
         "train.async_checkpoints=false",  # a kill right after a step finds that step's checkpoint committed
+        *extra,
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_resume_after_sigkill_in_estep_and_mstep(tmp_path, spm_tokenizer, tfds_dir):
     """Killed after E-step batch 1 of iteration 1, then (resumed) killed in the M-step of iteration 1: the final
-    parameters and the bootstrap corpora equal those of an uninterrupted run."""
+    parameters and the bootstrap corpora equal those of an uninterrupted run. The killed run saves its E-step after
+    every batch, the uninterrupted one at the default interval (once per iteration here: 2 batches)."""
     from ra3_jax.data.bootstrap import read_records
 
     straight = _run_cli(tmp_path / "s", spm_tokenizer, tfds_dir)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    out = tmp_path / "k"
-    p = _run_cli(out, spm_tokenizer, tfds_dir, fault="estep-1:1")
+    assert os.listdir(tmp_path / "s" / "iter_1" / "estep") == ["2"]
+    out, every = tmp_path / "k", ["ra3.estep_ckpt_every=1"]
+    p = _run_cli(out, spm_tokenizer, tfds_dir, fault="estep-1:1", extra=every)
     assert p.returncode == -9, p.stderr[-3000:]
     assert not (out / "iter_1" / "bootstrap").exists()
     assert os.listdir(out / "iter_1" / "estep") == ["1"]  # the resume continues inside the E-step (batch 2 of 2)
-    p = _run_cli(out, spm_tokenizer, tfds_dir, fault="mstep-1:7")  # M-step step 3 of iteration 1 (4 + 3)
+    p = _run_cli(out, spm_tokenizer, tfds_dir, fault="mstep-1:7", extra=every)  # M-step step 3 of iteration 1 (4 + 3)
     assert p.returncode == -9, p.stderr[-3000:]
-    p = _run_cli(out, spm_tokenizer, tfds_dir)
+    p = _run_cli(out, spm_tokenizer, tfds_dir, extra=every)
     assert p.returncode == 0, p.stderr[-3000:]
     for k in range(2):
         rs, rk = read_records(tmp_path / "s" / f"iter_{k}" / "bootstrap"), read_records(out / f"iter_{k}" / "bootstrap")

@@ -228,7 +228,9 @@ class EStepState:
 
 
 def run_estep(proposer: LatentProposer, model_params, docs: list[Document], k: int, it_dir: str, cfg: RunConfig):
-    """E-step of iteration k over ``docs``; resumable per batch. Returns (latents, stats, final policy params)."""
+    """E-step of iteration k over ``docs``; resumable (saved every ``ra3.estep_ckpt_every`` batches and at the end;
+    a resume replays the batches after the last save, the same keys giving the same result). Returns (latents, stats,
+    final policy params)."""
     r = cfg.ra3
     ckpt = RunCheckpointer(os.path.join(it_dir, "estep"), keep=2, async_save=cfg.train.async_checkpoints, resume_override=None)
     B = r.estep_batch_docs
@@ -266,7 +268,7 @@ def run_estep(proposer: LatentProposer, model_params, docs: list[Document], k: i
         start,
         n_batches,
         it_dir,
-        ckpt_every=1,
+        ckpt_every=r.estep_ckpt_every,  # a policy state is params + 2 Adam moments: 1.6 GB per save at SmolLM2 size
         progress=cfg.train.progress,
         unit="batch",
         save=save,
